@@ -1,0 +1,70 @@
+"""DataLoaders for pretraining and for the kNN monitor."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from jepa.config import Config
+from jepa.masks import MultiBlockMaskSampler
+
+from .collate import MaskCollator
+from .folder import ImageFolderDataset
+from .sampler import EpochBatchSampler
+from .transforms import eval_transform, pretrain_transform
+
+
+def mask_sampler_from_config(cfg: Config, grid_size: tuple[int, int]) -> MultiBlockMaskSampler:
+    m = cfg.masks
+    return MultiBlockMaskSampler(grid_size, num_targets=m.num_targets, target_scale=m.target_scale,
+                                 target_aspect=m.target_aspect, num_context=m.num_context,
+                                 context_scale=m.context_scale, context_aspect=m.context_aspect,
+                                 min_keep=m.min_keep, equalize=m.equalize, reachable_edges=m.reachable_edges)
+
+
+def build_pretrain_loader(cfg: Config, grid_size: tuple[int, int], rank: int = 0, world_size: int = 1,
+                          pin_memory: bool = True):
+    """(DataLoader, EpochBatchSampler) over ``data.root/train`` with masks sampled in the workers."""
+    d = cfg.data
+    dataset = ImageFolderDataset(d.root, "train", pretrain_transform(d.img_size, d.crop_scale, d.hflip),
+                                 on_corrupt=d.on_corrupt, seed=cfg.trainer.seed)
+    batch_sampler = EpochBatchSampler(len(dataset), d.batch_size, seed=cfg.trainer.seed, rank=rank,
+                                      world_size=world_size)
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=batch_sampler,
+        collate_fn=MaskCollator(mask_sampler_from_config(cfg, grid_size), cfg.trainer.seed),
+        num_workers=d.num_workers,
+        pin_memory=pin_memory and d.pin_memory,
+        persistent_workers=d.num_workers > 0,
+        prefetch_factor=4 if d.num_workers > 0 else None,
+    )
+    return loader, batch_sampler
+
+
+def per_class_subset(labels: list[int], per_class: int, seed: int) -> list[int] | None:
+    """Indices of ``per_class`` random samples of each class (None: all samples)."""
+    if per_class <= 0:
+        return None
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(labels)
+    picked = []
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        picked += rng.choice(members, size=min(per_class, len(members)), replace=False).tolist()
+    return sorted(picked)
+
+
+def build_labelled_loader(root: str, split: str, img_size: int, per_class: int = 0, batch_size: int = 256,
+                          num_workers: int = 2, seed: int = 0, on_corrupt: str = "skip"):
+    """Deterministic (resize + center crop) loader of ``(images, labels)`` over a split or a fixed subset."""
+    transform = eval_transform(img_size)
+    full = ImageFolderDataset(root, split, transform, on_corrupt=on_corrupt)
+    dataset = ImageFolderDataset(root, split, transform, on_corrupt=on_corrupt,
+                                 indices=per_class_subset(full.labels, per_class, seed))
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                                       collate_fn=collate_labelled, pin_memory=torch.cuda.is_available())
+
+
+def collate_labelled(items: list) -> tuple[torch.Tensor, torch.Tensor]:
+    kept = [item for item in items if item["image"] is not None]
+    return torch.stack([item["image"] for item in kept]), torch.tensor([item["label"] for item in kept])

@@ -1,0 +1,235 @@
+"""The training loop: accelerate, gradient accumulation, EMA, schedules, checkpoints, logging, monitors.
+
+The trainer receives everything it runs (method, target encoder, loader, monitors); it builds none of it.
+One optimizer step = ``trainer.grad_accum_steps`` micro-batches; schedules and the EMA update advance once per
+optimizer step. Nothing in the step reads a tensor back to the host: logs accumulate on the device and are read
+every ``trainer.log_every`` steps, where a non-finite loss also stops the run (before any checkpoint is written,
+so the last good checkpoint stays intact).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import Config, to_yaml
+from .ema import ema_update
+from .schedules import Cosine, Linear, WarmupCosine
+
+logger = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or inf."""
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    batch_in_epoch: int = 0  # micro-batches of this epoch already consumed (this process)
+    monitors: dict = field(default_factory=dict)  # e.g. {'knn@0': 0.30, 'knn@1000': 0.41}
+
+    def to_dict(self) -> dict:
+        return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+                "monitors": self.monitors}
+
+
+def param_groups(model: nn.Module) -> list[dict]:
+    """AdamW groups: weight decay on matrices/kernels; none on biases and 1-D parameters (norms, tokens)."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if param.ndim <= 1 or name.endswith(".bias") else decay).append(param)
+    return [{"params": decay, "apply_wd": True}, {"params": no_decay, "apply_wd": False, "weight_decay": 0.0}]
+
+
+def build_schedules(cfg: Config) -> dict:
+    o, total = cfg.optim, cfg.optim.schedule_steps or cfg.trainer.max_steps
+    return {
+        "lr": WarmupCosine(o.start_lr, o.lr, o.final_lr, o.warmup_steps, total),
+        "wd": Cosine(o.weight_decay, o.final_weight_decay, total),
+        "momentum": Linear(o.ema_start, o.ema_end, total),
+    }
+
+
+def _mixed_precision(cfg: Config) -> str:
+    if cfg.trainer.mixed_precision == "auto":
+        return "bf16" if torch.cuda.is_available() else "no"
+    return cfg.trainer.mixed_precision
+
+
+def make_accelerator(cfg: Config):
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    return Accelerator(
+        mixed_precision=_mixed_precision(cfg),
+        log_with="tensorboard",
+        project_config=ProjectConfiguration(project_dir=cfg.trainer.output_dir, logging_dir=cfg.trainer.output_dir),
+    )
+
+
+class Trainer:
+    """fit() trains ``method`` (wrapped by accelerate) with ``target_encoder`` as its EMA teacher."""
+
+    def __init__(self, cfg: Config, method: nn.Module, target_encoder: nn.Module, loader, batch_sampler,
+                 monitors: list | None = None, accelerator=None):
+        self.cfg = cfg
+        self.accelerator = accelerator or make_accelerator(cfg)
+        self.device = self.accelerator.device
+        self.loader, self.batch_sampler = loader, batch_sampler
+        self.monitors = monitors or []
+        self.schedules = build_schedules(cfg)
+        fused = self.device.type == "cuda"
+        optimizer = torch.optim.AdamW(param_groups(method), lr=cfg.optim.start_lr, betas=cfg.optim.betas,
+                                      weight_decay=cfg.optim.weight_decay, fused=fused)
+        self.model, self.optimizer = self.accelerator.prepare(method, optimizer)
+        self.method = self.accelerator.unwrap_model(self.model)
+        self.target_encoder = target_encoder.to(self.device).requires_grad_(False)
+        self.state = TrainState()
+        self.output_dir = Path(cfg.trainer.output_dir)
+
+    # ---------------------------------------------------------------- setup / resume
+    def resume(self) -> None:
+        ckpt = latest_checkpoint(self.output_dir)
+        if ckpt is None:
+            self._print(f"starting from scratch in {self.output_dir}")
+            return
+        saved = load_checkpoint(self.accelerator, ckpt, self.target_encoder, self.cfg)
+        self.state = TrainState(step=saved["step"], epoch=saved["epoch"], batch_in_epoch=saved["batch_in_epoch"],
+                                monitors=saved.get("monitors", {}))
+        for name, schedule in self.schedules.items():
+            schedule.load_state_dict(saved["schedules"][name])
+        self._print(f"resumed from {ckpt} at step {self.state.step}")
+
+    def _train_state(self) -> dict:
+        out = self.state.to_dict()
+        out["schedules"] = {name: s.state_dict() for name, s in self.schedules.items()}
+        return out
+
+    def _print(self, message: str) -> None:
+        if self.accelerator.is_main_process:
+            print(message, flush=True)
+
+    # ---------------------------------------------------------------- data
+    def _batches(self):
+        """Endless micro-batches from the current data position, advancing epochs."""
+        steps_per_epoch = len(self.batch_sampler)
+        while True:
+            if self.state.batch_in_epoch >= steps_per_epoch:
+                self.state.epoch += 1
+                self.state.batch_in_epoch = 0
+            self.batch_sampler.set_position(self.state.epoch, self.state.batch_in_epoch)
+            for batch in self.loader:
+                self.state.batch_in_epoch += 1
+                yield {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    # ---------------------------------------------------------------- one optimizer step
+    def _train_step(self, batches, sums: dict) -> None:
+        accum = self.cfg.trainer.grad_accum_steps
+        lr, wd = self.schedules["lr"].value(), self.schedules["wd"].value()
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+            if group.get("apply_wd", False):
+                group["weight_decay"] = wd
+        for micro in range(accum):
+            batch = next(batches)
+            sync = micro == accum - 1
+            with contextlib.nullcontext() if sync else self.accelerator.no_sync(self.model):
+                with self.accelerator.autocast():
+                    targets = self.method.targets(self.target_encoder, batch)
+                out = self.model(batch, targets)
+                self.accelerator.backward(out["loss"] / accum)
+            for key, value in out.items():
+                sums[key] = sums.get(key, 0.0) + value.detach() / accum
+            sums["skipped"] = sums.get("skipped", 0) + batch["skipped"]
+        max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else math.inf
+        sums["grad_norm"] = sums.get("grad_norm", 0.0) + self.accelerator.clip_grad_norm_(
+            self.model.parameters(), max_norm).detach()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        ema_update(self.target_encoder, self.method.context_encoder, self.schedules["momentum"].value())
+        for schedule in self.schedules.values():
+            schedule.step()
+        self.state.step += 1
+
+    # ---------------------------------------------------------------- logging / monitors / checkpoints
+    def _log(self, sums: dict, steps: int, seconds: float) -> dict:
+        logs = {f"train/{k}": (v / steps if k != "skipped" else v) for k, v in sums.items()}
+        logs = {k: float(v) for k, v in logs.items()}  # the one host sync, every log_every steps
+        if not math.isfinite(logs["train/loss"]):
+            raise NonFiniteLossError(
+                f"loss became {logs['train/loss']} before step {self.state.step}; the run stops here and the last "
+                f"good checkpoint in '{self.output_dir}' is left intact (lower optim.lr or set optim.grad_clip)"
+            )
+        world = self.accelerator.num_processes
+        images = steps * self.cfg.trainer.grad_accum_steps * self.cfg.data.batch_size * world
+        logs.update({
+            "train/lr": self.schedules["lr"].at(self.state.step - 1),
+            "train/wd": self.schedules["wd"].at(self.state.step - 1),
+            "train/momentum": self.schedules["momentum"].at(self.state.step - 1),
+            "train/img_per_s": images / max(seconds, 1e-9),
+            "train/epoch": self.state.epoch,
+        })
+        if self.device.type == "cuda":
+            logs["train/peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        self.accelerator.log(logs, step=self.state.step)
+        return logs
+
+    def run_monitors(self) -> dict:
+        results = {}
+        if self.accelerator.is_main_process:
+            for monitor in self.monitors:
+                value = monitor(self.target_encoder, self.device, self.accelerator.autocast)
+                results[f"{monitor.name}@{self.state.step}"] = value
+                self.accelerator.log({f"monitor/{monitor.name}": value}, step=self.state.step)
+                self._print(f"step {self.state.step}: {monitor.name} = {value:.4f}")
+        self.accelerator.wait_for_everyone()
+        self.state.monitors.update(results)
+        return results
+
+    def save(self) -> Path:
+        return save_checkpoint(self.accelerator, self.output_dir, self.state.step, self.target_encoder,
+                               self._train_state(), self.cfg, keep=self.cfg.trainer.keep_checkpoints)
+
+    # ---------------------------------------------------------------- the loop
+    def fit(self) -> TrainState:
+        cfg = self.cfg.trainer
+        self.accelerator.init_trackers("openjepa")
+        self._print("resolved config:\n" + to_yaml(self.cfg))
+        self.resume()
+        if self.state.step == 0 and self.monitors:
+            self.run_monitors()  # random init: the baseline every result is compared with
+        batches = self._batches()
+        bar = tqdm(total=cfg.max_steps, initial=self.state.step, disable=not (cfg.progress_bar and
+                   self.accelerator.is_main_process), desc="train", dynamic_ncols=True)
+        sums, window_steps, window_start = {}, 0, time.perf_counter()
+        self.model.train()
+        while self.state.step < cfg.max_steps:
+            self._train_step(batches, sums)
+            window_steps += 1
+            bar.update(1)
+            last = self.state.step == cfg.max_steps
+            checkpoint_due = cfg.checkpoint_every and self.state.step % cfg.checkpoint_every == 0
+            if self.state.step % cfg.log_every == 0 or last or checkpoint_due:
+                logs = self._log(sums, window_steps, time.perf_counter() - window_start)
+                bar.set_postfix(loss=f"{logs['train/loss']:.4f}", img_s=f"{logs['train/img_per_s']:.0f}")
+                sums, window_steps, window_start = {}, 0, time.perf_counter()
+            monitor_due = self.cfg.monitor.knn_every and self.state.step % self.cfg.monitor.knn_every == 0
+            if self.monitors and (monitor_due or last):
+                self.run_monitors()
+            if checkpoint_due or last:
+                self.save()
+        bar.close()
+        self.accelerator.end_training()
+        return self.state

@@ -1,0 +1,64 @@
+"""The JEPA predictor: a narrow sequence model that turns context tokens plus mask tokens placed at target
+positions into predictions of the target encoder's features there."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from encoders.pos_embed import sincos_2d
+from encoders.vit import gather_tokens, init_vit_weights
+
+from .backbones import build_backbone
+
+
+class JEPAPredictor(nn.Module):
+    """forward(context (B, Nc, D), context_idx (B, Nc), context_pad (B, Nc) | None, target_idx (B, n, Nt),
+    grid_size (H, W)) -> predictions (B, n, Nt, D).
+
+    Each of the ``n`` target blocks is predicted in its own sequence ``[context, mask tokens of the block]``
+    (batch B*n), as in I-JEPA; padding context tokens are masked out of attention / state.
+    """
+
+    def __init__(self, embed_dim: int, pred_dim: int = 384, depth: int = 6, num_heads: int = 12,
+                 mlp_ratio: float = 4.0, backbone: str = "transformer", **backbone_kwargs):
+        super().__init__()
+        self.pred_dim = pred_dim
+        self.embed = nn.Linear(embed_dim, pred_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, pred_dim))
+        self.backbone = build_backbone(backbone, dim=pred_dim, depth=depth, num_heads=num_heads,
+                                       mlp_ratio=mlp_ratio, **backbone_kwargs)
+        self.norm = nn.LayerNorm(pred_dim, eps=1e-6)
+        self.proj = nn.Linear(pred_dim, embed_dim)
+        if backbone == "transformer":
+            init_vit_weights(self.backbone)
+        for module in (self.embed, self.proj):
+            nn.init.trunc_normal_(module.weight, std=0.02)
+            nn.init.zeros_(module.bias)
+        nn.init.trunc_normal_(self.mask_token, std=0.02)
+
+    def pos_table(self, grid_size: tuple[int, ...], device, dtype) -> torch.Tensor:
+        """(1, prod(grid), pred_dim) fixed sin-cos positions."""
+        if len(grid_size) != 2:
+            raise ValueError(f"JEPAPredictor handles 2-D token grids, got grid {grid_size}")
+        return sincos_2d(self.pred_dim, *grid_size).to(device=device, dtype=dtype).unsqueeze(0)
+
+    def forward(self, context, context_idx, context_pad, target_idx, grid_size):
+        batch, num_targets, target_len = target_idx.shape
+        ctx = self.embed(context)
+        table = self.pos_table(grid_size, ctx.device, ctx.dtype).expand(batch, -1, -1)
+        ctx = ctx + gather_tokens(table, context_idx)
+        targets_flat = target_idx.reshape(batch, num_targets * target_len)
+        queries = self.mask_token.to(ctx.dtype) + gather_tokens(table, targets_flat)
+
+        # one sequence per (image, target block): (B*n, Nc + Nt, Dp)
+        ctx = ctx.repeat_interleave(num_targets, dim=0)
+        queries = queries.reshape(batch * num_targets, target_len, self.pred_dim)
+        x = torch.cat([ctx, queries], dim=1)
+        pos = torch.cat([context_idx.repeat_interleave(num_targets, 0), target_idx.reshape(-1, target_len)], 1)
+        pad = None
+        if context_pad is not None:
+            pad = torch.cat([context_pad.repeat_interleave(num_targets, 0),
+                             context_pad.new_zeros(batch * num_targets, target_len)], dim=1)
+        x = self.backbone(x, pos, pad)
+        out = self.proj(self.norm(x[:, -target_len:]))
+        return out.reshape(batch, num_targets, target_len, -1)
