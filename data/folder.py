@@ -91,7 +91,10 @@ class ImageFolderDataset(torch.utils.data.Dataset):
                 raise
             logger.warning("skipping %s", err)
             return item
-        if epoch is not None:
+        if epoch is None:
+            item["image"] = self.transform(image)
+            return item
+        with torch.random.fork_rng(devices=[]):  # leave the process RNG (dropout, drop-path) untouched
             torch.manual_seed(hash((self.seed, epoch, index)) & 0x7FFF_FFFF_FFFF)
-        item["image"] = self.transform(image)
+            item["image"] = self.transform(image)
         return item

@@ -37,6 +37,9 @@ def build_pretrain_loader(cfg: Config, grid_size: tuple[int, int], rank: int = 0
         pin_memory=pin_memory and d.pin_memory,
         persistent_workers=d.num_workers > 0,
         prefetch_factor=4 if d.num_workers > 0 else None,
+        # worker seeds come from this generator, not the process RNG, so re-creating the iterator on resume
+        # does not shift the RNG stream that dropout/drop-path draw from
+        generator=torch.Generator().manual_seed(cfg.trainer.seed),
     )
     return loader, batch_sampler
 

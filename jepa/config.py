@@ -209,6 +209,9 @@ def _merge(obj: Any, data: dict, prefix: str = "") -> None:
     for name, value in data.items():
         key = f"{prefix}{name}"
         if name not in names:
+            while isinstance(value, dict) and len(value) == 1:  # name the whole dotted key of an override
+                (child, value), = value.items()
+                key = f"{key}.{child}"
             raise _unknown_key(key, Config)
         tp = hints[name]
         if dataclasses.is_dataclass(tp):

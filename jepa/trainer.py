@@ -187,10 +187,14 @@ class Trainer:
         return logs
 
     def run_monitors(self) -> dict:
+        """Run every monitor on the target encoder; the process RNG is restored afterwards so that monitoring
+        (whose loaders draw worker seeds) never changes the training run."""
         results = {}
+        devices = [self.device] if self.device.type == "cuda" else []
         if self.accelerator.is_main_process:
             for monitor in self.monitors:
-                value = monitor(self.target_encoder, self.device, self.accelerator.autocast)
+                with torch.random.fork_rng(devices=devices):
+                    value = monitor(self.target_encoder, self.device, self.accelerator.autocast)
                 results[f"{monitor.name}@{self.state.step}"] = value
                 self.accelerator.log({f"monitor/{monitor.name}": value}, step=self.state.step)
                 self._print(f"step {self.state.step}: {monitor.name} = {value:.4f}")
@@ -224,6 +228,9 @@ class Trainer:
             if self.state.step % cfg.log_every == 0 or last or checkpoint_due:
                 logs = self._log(sums, window_steps, time.perf_counter() - window_start)
                 bar.set_postfix(loss=f"{logs['train/loss']:.4f}", img_s=f"{logs['train/img_per_s']:.0f}")
+                if not cfg.progress_bar:
+                    self._print(f"step {self.state.step}: loss {logs['train/loss']:.4f}  lr {logs['train/lr']:.2e}  "
+                                f"img/s {logs['train/img_per_s']:.0f}")
                 sums, window_steps, window_start = {}, 0, time.perf_counter()
             monitor_due = self.cfg.monitor.knn_every and self.state.step % self.cfg.monitor.knn_every == 0
             if self.monitors and (monitor_due or last):

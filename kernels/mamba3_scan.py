@@ -25,18 +25,32 @@ reverse cumulative sum along the sequence.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
 from .mamba3_scan_ref import trapezoid_weights
 
+# Triton's CPU interpreter (TRITON_INTERPRET=1, used by the tests) computes bf16 dots wrongly (triton 3.8); there the
+# operands, already rounded to their dtype, are multiplied in fp32, which is what the GPU's bf16 dot does.
+_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def _mm(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """a @ b with fp32 accumulation; ``PRECISION`` is tl.dot's input_precision for fp32 operands."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, input_precision=PRECISION)
+
 
 @triton.jit
 def _block_state_kernel(
     U, V, ALOG, W, STATE, BLOCK_DECAY,
     L, H: tl.constexpr, G: tl.constexpr, NUM_CHUNKS, CHUNKS_PER_BLOCK, NUM_BLOCKS,
-    N: tl.constexpr, P: tl.constexpr, CHUNK: tl.constexpr, REVERSE: tl.constexpr, PRECISION: tl.constexpr,
+    N: tl.constexpr, P: tl.constexpr, CHUNK: tl.constexpr, REVERSE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """Per (block, batch*head): forward: Σ_s e^{cs_end - cs_s} w_s u_s v_sᵀ; reverse: Σ_t e^{cs_t - cs_start-1} u_t v_tᵀ.
 
@@ -67,12 +81,12 @@ def _block_state_kernel(
         v = tl.load(v_base + t[:, None] * (H * P) + offs_p[None, :])
         if REVERSE:
             coef = tl.exp(total + cs)
-            acc += tl.dot(tl.trans((u * coef[:, None]).to(u.dtype)), v, input_precision=PRECISION)
+            acc += _mm(tl.trans((u * coef[:, None]).to(u.dtype)), v, PRECISION, UPCAST)
         else:
             w = tl.load(W + scalar_base + t)
             coef = tl.exp(chunk_total - cs) * w
-            acc = acc * tl.exp(chunk_total) + tl.dot(
-                tl.trans((u * coef[:, None]).to(u.dtype)), v, input_precision=PRECISION
+            acc = acc * tl.exp(chunk_total) + _mm(
+                tl.trans((u * coef[:, None]).to(u.dtype)), v, PRECISION, UPCAST
             )
         total += chunk_total
     out = STATE + (pid_bh * NUM_BLOCKS + pid_block) * (N * P)
@@ -104,7 +118,7 @@ def _block_scan_kernel(STATE, BLOCK_DECAY, NUM_BLOCKS, SIZE: tl.constexpr, TILE:
 def _chunk_forward_kernel(
     Cq, Bk, X, ALOG, W, GD, STATE_IN, Y,
     L, H: tl.constexpr, G: tl.constexpr, NUM_CHUNKS, CHUNKS_PER_BLOCK, NUM_BLOCKS,
-    N: tl.constexpr, P: tl.constexpr, CHUNK: tl.constexpr, PRECISION: tl.constexpr,
+    N: tl.constexpr, P: tl.constexpr, CHUNK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """y for one (block, batch*head): walks the block's chunks from the block's incoming state."""
     pid_block = tl.program_id(0)
@@ -135,21 +149,21 @@ def _chunk_forward_kernel(
         q = tl.load(Cq + qk_offs)
         k = tl.load(Bk + qk_offs)
         x = tl.load(X + xy_base + t[:, None] * (H * P) + offs_p[None, :])
-        y = tl.dot(q, state.to(q.dtype), input_precision=PRECISION) * tl.exp(cs)[:, None]
-        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        y = _mm(q, state.to(q.dtype), PRECISION, UPCAST) * tl.exp(cs)[:, None]
+        scores = _mm(q, tl.trans(k), PRECISION, UPCAST)
         decay = tl.exp(tl.minimum(cs[:, None] - cs[None, :], 0.0))
         weight = tl.where(below, decay * w[None, :], tl.where(diagonal, g[:, None], 0.0))
-        y += tl.dot((scores * weight).to(x.dtype), x, input_precision=PRECISION)
+        y += _mm((scores * weight).to(x.dtype), x, PRECISION, UPCAST)
         tl.store(Y + xy_base + t[:, None] * (H * P) + offs_p[None, :], y.to(Y.dtype.element_ty))
         k_to_end = (k * (tl.exp(chunk_total - cs) * w)[:, None]).to(k.dtype)
-        state = state * tl.exp(chunk_total) + tl.dot(tl.trans(k_to_end), x, input_precision=PRECISION)
+        state = state * tl.exp(chunk_total) + _mm(tl.trans(k_to_end), x, PRECISION, UPCAST)
 
 
 @triton.jit
 def _chunk_dq_kernel(
     Cq, Bk, X, DY, ALOG, W, GD, STATE_IN, DQ, QDQ,
     L, H: tl.constexpr, G: tl.constexpr, NUM_CHUNKS, CHUNKS_PER_BLOCK, NUM_BLOCKS,
-    N: tl.constexpr, P: tl.constexpr, CHUNK: tl.constexpr, PRECISION: tl.constexpr,
+    N: tl.constexpr, P: tl.constexpr, CHUNK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """dC̄ per head (B, L, H, N) and ``C̄_t·dC̄_t`` without its diagonal term (B, H, L), walking chunks forward."""
     pid_block = tl.program_id(0)
@@ -183,25 +197,25 @@ def _chunk_dq_kernel(
         xy_offs = xy_base + t[:, None] * (H * P) + offs_p[None, :]
         x = tl.load(X + xy_offs)
         dy = tl.load(DY + xy_offs)
-        dq = tl.dot(dy, tl.trans(state).to(dy.dtype), input_precision=PRECISION) * tl.exp(cs)[:, None]
-        dy_x = tl.dot(dy, tl.trans(x), input_precision=PRECISION)  # [t, s] = dy_t · x_s
+        dq = _mm(dy, tl.trans(state).to(dy.dtype), PRECISION, UPCAST) * tl.exp(cs)[:, None]
+        dy_x = _mm(dy, tl.trans(x), PRECISION, UPCAST)  # [t, s] = dy_t · x_s
         decay = tl.exp(tl.minimum(cs[:, None] - cs[None, :], 0.0))
         weight = tl.where(below, decay * w[None, :], 0.0)
-        dq += tl.dot((dy_x * weight).to(k.dtype), k, input_precision=PRECISION)
+        dq += _mm((dy_x * weight).to(k.dtype), k, PRECISION, UPCAST)
         q_dq = tl.sum(q.to(tl.float32) * dq, axis=1)
         x_dy = tl.sum(tl.where(diagonal, dy_x, 0.0), axis=1)
         dq += (g * x_dy)[:, None] * k.to(tl.float32)
         tl.store(DQ + dq_base + t[:, None] * (H * N) + offs_n[None, :], dq.to(DQ.dtype.element_ty))
         tl.store(QDQ + scalar_base + t, q_dq)
         k_to_end = (k * (tl.exp(chunk_total - cs) * w)[:, None]).to(k.dtype)
-        state = state * tl.exp(chunk_total) + tl.dot(tl.trans(k_to_end), x, input_precision=PRECISION)
+        state = state * tl.exp(chunk_total) + _mm(tl.trans(k_to_end), x, PRECISION, UPCAST)
 
 
 @triton.jit
 def _chunk_dkdx_kernel(
     Cq, Bk, X, DY, ALOG, W, GD, DSTATE_OUT, DK, DX, DW, DG,
     L, H: tl.constexpr, G: tl.constexpr, NUM_CHUNKS, CHUNKS_PER_BLOCK, NUM_BLOCKS,
-    N: tl.constexpr, P: tl.constexpr, CHUNK: tl.constexpr, PRECISION: tl.constexpr,
+    N: tl.constexpr, P: tl.constexpr, CHUNK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """dB̄ per head (B, L, H, N), dx (B, L, H, P), dw and dg (B, H, L), walking the block's chunks backward.
 
@@ -240,14 +254,14 @@ def _chunk_dkdx_kernel(
         x = tl.load(X + xy_offs)
         dy = tl.load(DY + xy_offs)
         to_end = tl.exp(chunk_total - cs)
-        dk_raw = tl.dot(x, tl.trans(dstate).to(x.dtype), input_precision=PRECISION) * to_end[:, None]
-        dx = tl.dot(k, dstate.to(k.dtype), input_precision=PRECISION) * (to_end * w)[:, None]
-        k_q = tl.dot(k, tl.trans(q), input_precision=PRECISION)  # [s, t] = B̄_s · C̄_t
-        x_dy = tl.dot(x, tl.trans(dy), input_precision=PRECISION)  # [s, t] = x_s · dy_t
+        dk_raw = _mm(x, tl.trans(dstate).to(x.dtype), PRECISION, UPCAST) * to_end[:, None]
+        dx = _mm(k, dstate.to(k.dtype), PRECISION, UPCAST) * (to_end * w)[:, None]
+        k_q = _mm(k, tl.trans(q), PRECISION, UPCAST)  # [s, t] = B̄_s · C̄_t
+        x_dy = _mm(x, tl.trans(dy), PRECISION, UPCAST)  # [s, t] = x_s · dy_t
         decay = tl.where(above, tl.exp(tl.minimum(cs[None, :] - cs[:, None], 0.0)), 0.0)
         weight = decay * w[:, None] + tl.where(diagonal, g[:, None], 0.0)
-        dx += tl.dot((k_q * weight).to(dy.dtype), dy, input_precision=PRECISION)
-        dk_raw += tl.dot((x_dy * decay).to(q.dtype), q, input_precision=PRECISION)
+        dx += _mm((k_q * weight).to(dy.dtype), dy, PRECISION, UPCAST)
+        dk_raw += _mm((x_dy * decay).to(q.dtype), q, PRECISION, UPCAST)
         diag_qk = tl.sum(tl.where(diagonal, k_q, 0.0), axis=1)
         diag_xdy = tl.sum(tl.where(diagonal, x_dy, 0.0), axis=1)
         dw = tl.sum(dk_raw * k.to(tl.float32), axis=1)
@@ -257,7 +271,7 @@ def _chunk_dkdx_kernel(
         tl.store(DW + scalar_base + t, dw)
         tl.store(DG + scalar_base + t, diag_qk * diag_xdy)
         q_from_start = (q * tl.exp(cs)[:, None]).to(q.dtype)
-        dstate = dstate * tl.exp(chunk_total) + tl.dot(tl.trans(q_from_start), dy, input_precision=PRECISION)
+        dstate = dstate * tl.exp(chunk_total) + _mm(tl.trans(q_from_start), dy, PRECISION, UPCAST)
 
 
 def _num_blocks(num_chunks: int, batch_heads: int, target_programs: int) -> tuple[int, int]:
@@ -271,14 +285,15 @@ class _Mamba3ScanCore(torch.autograd.Function):
     """y = quadratic form of (C̄, B̄, x, log-decay, w, g); see the module docstring. Inputs as in ``_launch``."""
 
     @staticmethod
-    def forward(ctx, q, k, x, a_log, w, g, chunk_size, target_programs, num_warps):
+    def forward(ctx, q, k, x, a_log, w, g, chunk_size, target_programs, num_warps, bwd_num_warps):
         batch, length, heads, headdim = x.shape
         groups, state_dim = q.shape[2], q.shape[3]
         num_chunks = length // chunk_size
         per_block, num_blocks = _num_blocks(num_chunks, batch * heads, target_programs)
         precision = "ieee" if x.dtype == torch.float32 else "tf32"
         dims = dict(L=length, H=heads, G=groups, NUM_CHUNKS=num_chunks, CHUNKS_PER_BLOCK=per_block,
-                    NUM_BLOCKS=num_blocks, N=state_dim, P=headdim, CHUNK=chunk_size, PRECISION=precision)
+                    NUM_BLOCKS=num_blocks, N=state_dim, P=headdim, CHUNK=chunk_size, PRECISION=precision,
+                    UPCAST=_INTERPRETED)
         grid = (num_blocks, batch * heads)
         state_in = torch.empty(batch, heads, num_blocks, state_dim, headdim, device=x.device, dtype=torch.float32)
         if num_blocks > 1:
@@ -290,20 +305,20 @@ class _Mamba3ScanCore(torch.autograd.Function):
         y = torch.empty_like(x)
         _chunk_forward_kernel[grid](q, k, x, a_log, w, g, state_in, y, num_warps=num_warps, **dims)
         ctx.save_for_backward(q, k, x, a_log, w, g, state_in)
-        ctx.launch = (grid, dims, num_warps)
+        ctx.launch = (grid, dims, bwd_num_warps)
         return y
 
     @staticmethod
     def backward(ctx, dy):
         q, k, x, a_log, w, g, state_in = ctx.saved_tensors
-        grid, dims, num_warps = ctx.launch
+        grid, dims, bwd_warps = ctx.launch
         dy = dy.contiguous().to(x.dtype)
         batch, length, heads, headdim = x.shape
         groups, state_dim, num_blocks = q.shape[2], q.shape[3], dims["NUM_BLOCKS"]
         dstate_out = torch.empty_like(state_in)
         if num_blocks > 1:
             block_decay = torch.empty(batch, heads, num_blocks, device=x.device, dtype=torch.float32)
-            _block_state_kernel[grid](q, dy, a_log, w, dstate_out, block_decay, REVERSE=True, num_warps=num_warps,
+            _block_state_kernel[grid](q, dy, a_log, w, dstate_out, block_decay, REVERSE=True, num_warps=bwd_warps,
                                       **dims)
             _scan_blocks(dstate_out, block_decay, reverse=True)
         else:
@@ -313,7 +328,6 @@ class _Mamba3ScanCore(torch.autograd.Function):
         dk = torch.empty_like(dq)
         dx = torch.empty_like(x)
         q_dq, dw, dg = (torch.empty_like(a_log) for _ in range(3))
-        bwd_warps = 2 * num_warps
         _chunk_dq_kernel[grid](q, k, x, dy, a_log, w, g, state_in, dq, q_dq, num_warps=bwd_warps, **dims)
         _chunk_dkdx_kernel[grid](q, k, x, dy, a_log, w, g, dstate_out, dk, dx, dw, dg, num_warps=bwd_warps, **dims)
         d_cs = q_dq - w * dw
@@ -321,7 +335,7 @@ class _Mamba3ScanCore(torch.autograd.Function):
         if groups != heads:
             dq = dq.unflatten(2, (groups, heads // groups)).sum(3).to(q.dtype)
             dk = dk.unflatten(2, (groups, heads // groups)).sum(3).to(k.dtype)
-        return dq, dk, dx, d_alog, dw, dg, None, None, None
+        return dq, dk, dx, d_alog, dw, dg, None, None, None, None
 
 
 def _scan_blocks(state: torch.Tensor, block_decay: torch.Tensor, reverse: bool) -> None:
@@ -348,9 +362,11 @@ def _check_shapes(x, dt, Bm, Cm, chunk_size):
             raise ValueError(f"mamba3_scan (Triton): {name}={size} must be a power of two >= 16")
 
 
-def mamba3_scan(x, dt, A, lam, Bm, Cm, D=None, chunk_size: int = 64, target_programs: int = 2048, num_warps: int = 4):
+def mamba3_scan(x, dt, A, lam, Bm, Cm, D=None, chunk_size: int = 32, target_programs: int = 2048, num_warps: int = 4,
+                bwd_num_warps: int = 8):
     """Mamba-3 SISO scan on CUDA (or under TRITON_INTERPRET=1 on CPU). Shapes in the module docstring.
 
+    ``num_warps`` / ``bwd_num_warps``: warps per program of the forward / backward kernels.
     ``target_programs`` sets how many (block, batch*head) programs to aim for (the sequence is cut into that many
     blocks when batch*heads is small). Returns y (B, L, H, P) in x's dtype.
     """
@@ -367,7 +383,7 @@ def mamba3_scan(x, dt, A, lam, Bm, Cm, D=None, chunk_size: int = 64, target_prog
         a_log, w, g = (torch.nn.functional.pad(v, (0, 0, 0, pad)) for v in (a_log, w, g))
     scalars = [v.transpose(1, 2).contiguous() for v in (a_log, w, g)]  # (B, H, L)
     y = _Mamba3ScanCore.apply(Cq.contiguous(), Bk.contiguous(), xs.contiguous(), *scalars, chunk_size,
-                              target_programs, num_warps)
+                              target_programs, num_warps, bwd_num_warps)
     y = y[:, :length]
     if D is not None:
         y = y + (D[:, None] * x).to(y.dtype)

@@ -46,8 +46,8 @@ def trapezoid_weights(dt: torch.Tensor, lam: torch.Tensor) -> tuple[torch.Tensor
 def cumulative_angles(dt: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     """dt (B, L, H), theta (B, L, S) -> φ (B, L, H, S) = cumsum_t(Δ_t · π · tanh(θ_t)) along L (float32 or wider)."""
     dtype = torch.promote_types(dt.dtype, torch.float32)
-    step = dt.to(dtype)[..., None] * (math.pi * torch.tanh(theta.to(dtype)))[:, :, None, :]
-    return torch.cumsum(step, dim=1)
+    step = dt.to(dtype).transpose(1, 2)[..., None] * (math.pi * torch.tanh(theta.to(dtype)))[:, None, :, :]
+    return torch.cumsum(step, dim=2).transpose(1, 2)  # the scan runs along the innermost-but-one axis: (B, H, L, S)
 
 
 def rotate_pairs(v: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:

@@ -41,7 +41,7 @@ def build_backbone(name: str, dim: int, depth: int, num_heads: int, **kwargs) ->
     return _BACKBONES[name](dim=dim, depth=depth, num_heads=num_heads, **kwargs)
 
 
-_BACKBONE_MODULES = ("transformer",)  # each module registers its builders on import
+_BACKBONE_MODULES = ("transformer", "mamba3", "hybrid")  # each module registers its builders on import
 
 
 def _import_all() -> None:

@@ -1,0 +1,283 @@
+"""Mamba-3 benchmark (GPU): correctness of the Triton scan, then fwd+bwd time of our op vs the official Mamba-3 SISO
+Triton op vs SDPA flash attention, and whole backbone layers at matched parameters. Prints tables.
+
+    python benchmarks/mamba3.py [--official .whl/mamba_official] [--quick]
+
+Op setting: 64K tokens per step (batch = 65536 / L), 24 heads × headdim 64, d_state 128, bf16, one group of B/C.
+"ours" = per-head bias + rotation in PyTorch + our chunk-parallel Triton scan (the same function as the official op:
+per-head B/C bias, data-dependent rotation on half the state, trapezoid, D skip); "ours scan" = the scan alone on
+pre-rotated B̄, C̄. The official op is imported from an extracted ``mamba-ssm`` sdist (never copied into the repo):
+``pip download --no-deps --no-binary :all: mamba-ssm==2.3.2.post1`` and put ``mamba_ssm/ops/triton/mamba3/*.py``
+under ``<official>/mamba_ssm/ops/triton/mamba3/`` (with empty ``__init__.py`` files on the way).
+Roofline: floor = max(flops / peak matmul rate, bytes / copy bandwidth), both measured here; fraction = floor / time.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kernels.mamba3_scan import mamba3_scan  # noqa: E402
+from kernels.mamba3_scan_ref import cumulative_angles, rotate_pairs, scan_chunked_ref  # noqa: E402
+
+HEADS, HEADDIM, STATE, ANGLES = 24, 64, 128, 32
+TOKENS = 65536
+
+
+def bench_ms(fn, warmup=3, rep=10) -> float:
+    """Median milliseconds of fn() (CUDA events)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(rep):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def peak_rates() -> tuple[float, float]:
+    """Measured (bf16 matmul FLOP/s, device copy bytes/s)."""
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    flops = 2 * 8192**3 / (bench_ms(lambda: a @ b) * 1e-3)
+    src = torch.randn(2**28, device="cuda")
+    dst = torch.empty_like(src)
+    bandwidth = 2 * src.numel() * 4 / (bench_ms(lambda: dst.copy_(src)) * 1e-3)
+    return flops, bandwidth
+
+
+def op_inputs(batch, length, device="cuda", seed=0):
+    """Raw Mamba-3 op inputs (official parameterisation): Q/K (B,L,1,N), V (B,L,H,P), dt, A, trap logits, angles."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    bf = dict(device=device, dtype=torch.bfloat16)
+    f32 = dict(device=device, dtype=torch.float32)
+    return dict(
+        C=torch.randn(batch, length, 1, STATE, generator=gen, **f32).to(**bf) * 0.3,
+        B=torch.randn(batch, length, 1, STATE, generator=gen, **f32).to(**bf) * 0.3,
+        x=torch.randn(batch, length, HEADS, HEADDIM, generator=gen, **f32).to(**bf),
+        dt=F.softplus(torch.randn(batch, length, HEADS, generator=gen, **f32) - 3),
+        A=-F.softplus(torch.randn(batch, length, HEADS, generator=gen, **f32)).clamp(min=1e-4),
+        trap=torch.randn(batch, length, HEADS, generator=gen, **f32).to(**bf),
+        theta=torch.randn(batch, length, ANGLES, generator=gen, **f32),
+        C_bias=1 + 0.1 * torch.randn(HEADS, STATE, generator=gen, **f32),
+        B_bias=1 + 0.1 * torch.randn(HEADS, STATE, generator=gen, **f32),
+        D=torch.randn(HEADS, generator=gen, **f32),
+    )
+
+
+def ours(inp, scan_fn=mamba3_scan, **scan_kwargs):
+    """Our op on the official op's inputs: bias + rotation (PyTorch) then the scan. -> (B, L, H, P)."""
+    angle = cumulative_angles(inp["dt"], inp["theta"])
+    wide = torch.promote_types(inp["x"].dtype, torch.float32)
+    Bm = rotate_pairs(inp["B"].to(wide) + inp["B_bias"], angle)
+    Cm = rotate_pairs(inp["C"].to(wide) + inp["C_bias"], angle)
+    dtype = inp["x"].dtype
+    return scan_fn(inp["x"], inp["dt"], inp["A"], torch.sigmoid(inp["trap"].to(wide)), Bm.to(dtype), Cm.to(dtype),
+                   inp["D"], **scan_kwargs)
+
+
+def official(inp, combined):
+    return combined(
+        Q=inp["C"], K=inp["B"], V=inp["x"],
+        ADT=(inp["A"] * inp["dt"]).transpose(1, 2).contiguous(), DT=inp["dt"].transpose(1, 2).contiguous(),
+        Trap=inp["trap"].transpose(1, 2).contiguous(), Q_bias=inp["C_bias"], K_bias=inp["B_bias"],
+        Angles=inp["theta"][:, :, None, :].expand(-1, -1, HEADS, -1).contiguous(), D=inp["D"], Z=None, chunk_size=64,
+    )
+
+
+def with_grad(inp, names):
+    return {k: (v.detach().clone().requires_grad_() if k in names else v) for k, v in inp.items()}
+
+
+def rel(a, b) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def check_correctness(combined):
+    """Triton vs float64 reference (bf16 and fp32 inputs), and ours vs the official op. Prints relative errors."""
+    names = ["x", "dt", "A", "trap", "B", "C", "theta", "B_bias", "C_bias", "D"]
+    print("\n## correctness (relative L2 error vs float64 reference; grads of every input)")
+    for dtype in (torch.bfloat16, torch.float32):
+        base = op_inputs(2, 1000, seed=1)
+        base = {k: (v.to(dtype) if v.dtype == torch.bfloat16 else v) for k, v in base.items()}
+        dy = torch.randn(2, 1000, HEADS, HEADDIM, device="cuda")
+        results = []
+        for fn, cast in ((lambda i: ours(i, scan_chunked_ref, chunk_size=64), torch.float64), (ours, None)):
+            inp = with_grad({k: (v.to(cast) if cast else v) for k, v in base.items()}, names)
+            y = fn(inp)
+            (y.double() * dy.double()).sum().backward()
+            results.append([y] + [inp[n].grad for n in names])
+        errors = {n: rel(t, r) for n, r, t in zip(["y"] + names, *results)}
+        print(f"{str(dtype):15s} " + " ".join(f"{n}={e:.1e}" for n, e in errors.items()))
+    if combined is not None:
+        inp = op_inputs(2, 1000, seed=2)
+        dy = torch.randn(2, 1000, HEADS, HEADDIM, device="cuda", dtype=torch.bfloat16)
+        outs = []
+        for fn in (ours, lambda i: official(i, combined)):
+            i = with_grad(inp, ["x", "B", "C", "dt", "theta"])
+            y = fn(i)
+            (y.float() * dy.float()).sum().backward()
+            outs.append([y, i["x"].grad, i["B"].grad, i["C"].grad, i["dt"].grad, i["theta"].grad])
+        print("ours vs official (bf16): " + " ".join(
+            f"{n}={rel(a, b):.1e}" for n, a, b in zip(["y", "dx", "dB", "dC", "ddt", "dtheta"], *outs)))
+
+
+def op_cost(length, batch, chunk=64):
+    """(flops, minimal bytes) of our scan fwd+bwd: tensor-core matmuls; per-head bf16 B̄, C̄, x, y and grads."""
+    chunks_heads = batch * HEADS * length / chunk
+    flops = chunks_heads * (2 * chunk**2 * (4 * STATE + 4 * HEADDIM) + 18 * chunk * STATE * HEADDIM)
+    tokens_heads = batch * length * HEADS
+    bytes_ = tokens_heads * 2 * (2 * STATE + 2 * HEADDIM + (2 * STATE + 2 * HEADDIM) + (2 * STATE + HEADDIM))
+    return flops, bytes_
+
+
+def time_ops(lengths, combined, peaks, sweep):
+    print("\n## op fwd+bwd, 64K tokens/step, 24 heads x 64, d_state 128, bf16 (ms; median of 10)")
+    header = f"{'L':>6} {'batch':>5} {'ours':>8} {'ours scan':>9} {'official':>9} {'sdpa flash':>10} {'roofline':>8}"
+    print(header)
+    rows = []
+    for length in lengths:
+        batch = TOKENS // length
+        inp = op_inputs(batch, length)
+        grads = ["x", "B", "C", "dt", "theta", "A", "trap"]
+        dy = torch.randn(batch, length, HEADS, HEADDIM, device="cuda", dtype=torch.bfloat16)
+
+        def run(fn):
+            i = with_grad(inp, grads)
+            fn(i).backward(dy)
+
+        t_ours = bench_ms(lambda: run(ours))
+        angle = cumulative_angles(inp["dt"], inp["theta"])
+        pre = dict(x=inp["x"], dt=inp["dt"], A=inp["A"], lam=torch.sigmoid(inp["trap"].float()),
+                   Bm=rotate_pairs(inp["B"].float() + inp["B_bias"], angle).bfloat16(),
+                   Cm=rotate_pairs(inp["C"].float() + inp["C_bias"], angle).bfloat16(), D=inp["D"])
+        t_scan = bench_ms(lambda: run_scan(pre, dy))
+        t_official = bench_ms(lambda: run(lambda i: official(i, combined))) if combined is not None else float("nan")
+        q, k, v = (torch.randn(batch, HEADS, length, HEADDIM, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+                   for _ in range(3))
+        do = torch.randn_like(q)
+        t_sdpa = bench_ms(lambda: F.scaled_dot_product_attention(q, k, v).backward(do))
+        flops, bytes_ = op_cost(length, batch)
+        floor_ms = max(flops / peaks[0], bytes_ / peaks[1]) * 1e3
+        print(f"{length:>6} {batch:>5} {t_ours:8.2f} {t_scan:9.2f} {t_official:9.2f} {t_sdpa:10.2f} "
+              f"{floor_ms / t_scan:8.0%}", flush=True)
+        rows.append((length, t_ours, t_scan, t_official, t_sdpa))
+        del inp, pre, q, k, v
+        torch.cuda.empty_cache()
+    if sweep:
+        print("\n## scan-only sweep at L=65536, batch 1 (ms)")
+        inp = op_inputs(1, TOKENS)
+        angle = cumulative_angles(inp["dt"], inp["theta"])
+        pre = dict(x=inp["x"], dt=inp["dt"], A=inp["A"], lam=torch.sigmoid(inp["trap"].float()),
+                   Bm=rotate_pairs(inp["B"].float() + inp["B_bias"], angle).bfloat16(),
+                   Cm=rotate_pairs(inp["C"].float() + inp["C_bias"], angle).bfloat16(), D=inp["D"])
+        dy = torch.randn(1, TOKENS, HEADS, HEADDIM, device="cuda", dtype=torch.bfloat16)
+        for chunk, programs, warps in ((64, 1024, 4), (64, 4096, 4), (64, 2048, 8), (32, 2048, 4), (128, 2048, 8)):
+            try:
+                ms = bench_ms(lambda: run_scan(pre, dy, chunk_size=chunk, target_programs=programs, num_warps=warps))
+                print(f"chunk {chunk:4d} programs {programs:5d} warps {warps}: {ms:7.2f}", flush=True)
+            except Exception as error:  # a config the compiler cannot fit (shared memory) is reported, not fatal
+                print(f"chunk {chunk:4d} programs {programs:5d} warps {warps}: failed ({type(error).__name__})")
+    return rows
+
+
+def run_scan(pre, dy, **kwargs):
+    args = {k: (v.detach().requires_grad_() if k in ("x", "Bm", "Cm", "dt", "A", "lam") else v) for k, v in pre.items()}
+    mamba3_scan(args["x"], args["dt"], args["A"], args["lam"], args["Bm"], args["Cm"], args["D"], **kwargs).backward(dy)
+
+
+def time_layers(lengths):
+    """Bidirectional Mamba-3 block vs attention block (timm ViT block), dim 768, matched parameters."""
+    from predictors.backbones.mamba3 import Mamba3Block
+    from predictors.backbones.transformer import TransformerBackbone
+
+    dim = 768
+    attention = TransformerBackbone(dim, 1, 12).cuda()
+    target = sum(p.numel() for p in attention.parameters())
+    probe = Mamba3Block(dim, mlp_ratio=1.0)
+    mixer_params = sum(p.numel() for p in probe.mixer.parameters())
+    mlp_ratio = (target - mixer_params - 4 * dim - dim) / (2 * dim * dim + dim)
+    mamba = Mamba3Block(dim, mlp_ratio=mlp_ratio).cuda()
+    params = (target, sum(p.numel() for p in mamba.parameters()))
+    print(f"\n## layers fwd+bwd, dim 768, bf16 autocast, 64K tokens/step; params: attention {params[0] / 1e6:.2f}M, "
+          f"mamba3 (bidirectional, mlp_ratio {mlp_ratio:.2f}) {params[1] / 1e6:.2f}M")
+    print(f"{'L':>6} {'batch':>5} {'attn ms':>8} {'attn Mtok/s':>11} {'attn GiB':>8} {'mamba3 ms':>9} "
+          f"{'m3 Mtok/s':>9} {'m3 GiB':>6}")
+    for length in lengths:
+        batch = TOKENS // length
+        x = torch.randn(batch, length, dim, device="cuda", requires_grad=True)
+        pos = torch.arange(length, device="cuda").expand(batch, length)
+        results = []
+        for name, layer in (("attention", attention), ("mamba3", mamba)):
+            def step():
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    out = layer(x, pos, None) if name == "attention" else layer(x)
+                out.float().sum().backward()
+
+            step()
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            ms = bench_ms(step, warmup=1, rep=5)
+            results.append((ms, TOKENS / ms / 1e3, torch.cuda.max_memory_allocated() / 2**30))
+        (a_ms, a_tok, a_mem), (m_ms, m_tok, m_mem) = results
+        print(f"{length:>6} {batch:>5} {a_ms:8.2f} {a_tok:11.2f} {a_mem:8.2f} {m_ms:9.2f} {m_tok:9.2f} {m_mem:6.2f}",
+              flush=True)
+        del x
+        torch.cuda.empty_cache()
+
+
+def load_official(folder: str | None, trim_autotune: bool):
+    if not folder or not Path(folder).exists():
+        print(f"official op: folder {folder} not found; skipped")
+        return None
+    sys.path.insert(0, folder)
+    import triton
+
+    from mamba_ssm.ops.triton.mamba3 import angle_dt, mamba3_siso_bwd, mamba3_siso_fwd
+    from mamba_ssm.ops.triton.mamba3.mamba3_siso_combined import mamba3_siso_combined
+
+    if trim_autotune:  # fewer autotune configs so that tuning fits the time limit; reported with the results
+        for module in (angle_dt, mamba3_siso_bwd, mamba3_siso_fwd):
+            for obj in vars(module).values():
+                if isinstance(obj, triton.runtime.Autotuner) and len(obj.configs) > 4:
+                    kept = [c for c in obj.configs if c.num_warps in (4, 8) and c.num_stages in (2, 3)
+                            and getattr(c, "maxnreg", None) is None]
+                    obj.configs = kept[:4] or obj.configs[:4]
+    return mamba3_siso_combined
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--official", default=".whl/mamba_official")
+    parser.add_argument("--full-autotune", action="store_true", help="let the official op autotune all its configs")
+    parser.add_argument("--quick", action="store_true", help="fewer lengths, no sweep")
+    parser.add_argument("--skip", default="", help="comma list of: check,ops,sweep,layers")
+    args = parser.parse_args()
+    skip = set(args.skip.split(","))
+    torch.manual_seed(0)
+    print(torch.cuda.get_device_name(), "torch", torch.__version__)
+    combined = load_official(args.official, not args.full_autotune)
+    peaks = peak_rates()
+    print(f"measured peaks: bf16 matmul {peaks[0] / 1e12:.0f} TFLOP/s, copy {peaks[1] / 1e12:.2f} TB/s")
+    if "check" not in skip:
+        check_correctness(combined)
+    lengths = [1024, 65536] if args.quick else [1024, 4096, 16384, 65536]
+    if "ops" not in skip:
+        time_ops(lengths, combined, peaks, sweep="sweep" not in skip and not args.quick)
+    if "layers" not in skip:
+        time_layers([1024, 8192, 65536] if args.quick else [1024, 4096, 8192, 16384, 65536])
+
+
+if __name__ == "__main__":
+    main()

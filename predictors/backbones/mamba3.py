@@ -1,0 +1,237 @@
+"""Bidirectional, padding-aware Mamba-3 backbone (Lahoti et al., ICLR 2026, arXiv 2603.15569).
+
+Tokens arrive in any order (context tokens, then mask tokens). The backbone sorts them by their flat grid position
+``pos`` (padding last), runs every block in that raster / space-time order, and scatters the outputs back to the input
+order. Each mixer scans the sorted sequence forward and reversed and adds the two outputs. Padding tokens get Δ = 0
+and x = 0, so they change no state: real-token outputs are the same with or without padding.
+
+Mixer (``Mamba3Mixer``), per token, from one bias-free ``in_proj``: gate z and value x (H heads × P), and per direction
+key B and query C (G groups × R ranks × N), Δ, A and λ inputs (H each) and rotation inputs θ (N // 4). Then
+``Δ = softplus(· + dt_bias)``, ``A = -max(softplus(·), 1e-4)``, ``λ = sigmoid(·)``, B and C go through RMSNorm and get
+per-head biases (init 1), and are rotated by cumulative angles ``φ_t = φ_{t-1} + Δ_t π tanh(θ_t)`` (see
+``kernels/mamba3_scan_ref.py`` for the recurrence and the pairing convention). ``y = (scan_fwd + scan_bwd + D x) ·
+silu(z)``, then ``out_proj``. The scan is the Triton kernel on CUDA (SISO) and the PyTorch chunked reference elsewhere
+(and for MIMO).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import DropPath, Mlp
+
+from kernels.mamba3_scan_ref import cumulative_angles, expand_groups, rotate_pairs, scan_chunked_ref
+
+from . import register_backbone
+
+_DIRECTIONS = {"forward": 1, "shared": 1, "separate": 2}
+
+
+def scan(x, dt, A, lam, Bm, Cm, chunk_size: int) -> torch.Tensor:
+    """Mamba-3 scan without the D skip: Triton on CUDA for SISO, the PyTorch chunked reference otherwise.
+
+    x (B, L, H, P) or (B, L, H, R, P); dt, A, lam (B, L, H); Bm, Cm (B, L, H, N) or (B, L, H, R, N), rotated.
+    """
+    if x.is_cuda and x.dim() == 4:
+        from kernels.mamba3_scan import mamba3_scan  # imports triton; only needed on CUDA
+
+        return mamba3_scan(x, dt, A, lam, Bm, Cm, None, chunk_size=chunk_size)
+    return scan_chunked_ref(x, dt, A, lam, Bm, Cm, None, chunk_size=chunk_size)
+
+
+class Mamba3Mixer(nn.Module):
+    """Mamba-3 sequence mixer on a sorted sequence.
+
+    forward(u (B, L, D), padding (B, L) bool True at padding | None) -> (B, L, D).
+    ``bidirectional``: ``"separate"`` (the reversed scan has its own B, C, Δ, A, λ, θ projections and biases),
+    ``"shared"`` (both scans use the same ones: reversing the sequence reverses the output), ``"forward"`` (causal).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        d_state: int = 128,
+        expand: int = 2,
+        headdim: int = 64,
+        ngroups: int = 1,
+        mimo_rank: int = 1,
+        use_rotation: bool = True,
+        bidirectional: str = "separate",
+        chunk_size: int = 64,
+        dt_min: float = 0.001,
+        dt_max: float = 0.1,
+        a_floor: float = 1e-4,
+    ):
+        super().__init__()
+        inner = int(expand * dim)
+        if headdim <= 0 or inner % headdim:
+            raise ValueError(f"mamba3 headdim {headdim} does not divide expand*dim = {expand}*{dim} = {inner}")
+        heads = inner // headdim
+        if ngroups <= 0 or heads % ngroups:
+            raise ValueError(f"mamba3 ngroups {ngroups} does not divide the number of heads {heads}")
+        if d_state < 4 or d_state % 4:
+            raise ValueError(f"mamba3 d_state {d_state} must be a positive multiple of 4 (half of it is rotated)")
+        if mimo_rank < 1:
+            raise ValueError(f"mamba3 mimo_rank {mimo_rank} must be >= 1")
+        if bidirectional not in _DIRECTIONS:
+            raise ValueError(f"mamba3 bidirectional '{bidirectional}' is unknown (expected one of {list(_DIRECTIONS)})")
+        self.inner, self.heads, self.headdim, self.d_state = inner, heads, headdim, d_state
+        self.groups, self.rank, self.use_rotation = ngroups, mimo_rank, use_rotation
+        self.bidirectional, self.chunk_size, self.a_floor = bidirectional, chunk_size, a_floor
+        self.num_angles = d_state // 4
+        directions = _DIRECTIONS[bidirectional]
+        bc = ngroups * mimo_rank * d_state
+        self.direction_sizes = [bc, bc, heads, heads, heads, self.num_angles]  # B, C, dt, A, lam, theta
+        self.in_proj = nn.Linear(dim, 2 * inner + directions * sum(self.direction_sizes), bias=False)
+        dt = torch.exp(torch.rand(directions, heads) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # softplus(dt_bias) = dt
+        self.B_bias = nn.Parameter(torch.ones(directions, heads, mimo_rank, d_state))
+        self.C_bias = nn.Parameter(torch.ones(directions, heads, mimo_rank, d_state))
+        self.B_norm = nn.RMSNorm(d_state, eps=1e-5)
+        self.C_norm = nn.RMSNorm(d_state, eps=1e-5)
+        self.D = nn.Parameter(torch.ones(heads))
+        if mimo_rank > 1:
+            self.mimo_x = nn.Parameter(torch.full((heads, mimo_rank, headdim), 1.0 / mimo_rank))
+            self.mimo_out = nn.Parameter(torch.ones(heads, mimo_rank, headdim))
+        self.out_proj = nn.Linear(inner, dim, bias=False)
+
+    def _direction_inputs(self, proj: torch.Tensor, direction: int, padding: torch.Tensor | None):
+        """proj (B, L, sizes) -> dt, A, lam (B, L, H) fp32; Bm, Cm (B, L, H, R, N) rotated, fp32."""
+        batch, length = proj.shape[:2]
+        B_in, C_in, dt_in, A_in, lam_in, theta = torch.split(proj, self.direction_sizes, dim=-1)
+        dt = F.softplus(dt_in.float() + self.dt_bias[direction])
+        if padding is not None:
+            dt = dt.masked_fill(padding[..., None], 0.0)
+        A = -F.softplus(A_in.float()).clamp(min=self.a_floor)
+        lam = torch.sigmoid(lam_in.float())
+        shape = (batch, length, self.groups, self.rank, self.d_state)
+        Bm = expand_groups(self.B_norm(B_in.float().view(shape)), self.heads) + self.B_bias[direction]
+        Cm = expand_groups(self.C_norm(C_in.float().view(shape)), self.heads) + self.C_bias[direction]
+        if self.use_rotation:
+            angle = cumulative_angles(dt, theta)[:, :, :, None, :]  # (B, L, H, 1, S)
+            Bm, Cm = rotate_pairs(Bm, angle), rotate_pairs(Cm, angle)
+        return dt, A, lam, Bm, Cm
+
+    def forward(self, u: torch.Tensor, padding: torch.Tensor | None = None) -> torch.Tensor:
+        batch, length, _ = u.shape
+        proj = self.in_proj(u)
+        z, x, per_direction = torch.split(proj, [self.inner, self.inner, proj.shape[-1] - 2 * self.inner], dim=-1)
+        x = x.unflatten(-1, (self.heads, self.headdim))
+        if padding is not None:
+            x = x.masked_fill(padding[..., None, None], 0.0)
+        if self.bidirectional == "separate":
+            forward_proj, backward_proj = per_direction.chunk(2, dim=-1)
+        else:
+            forward_proj = backward_proj = per_direction
+        streams = [(forward_proj, x, padding, 0)]
+        if self.bidirectional != "forward":
+            flip = (lambda v: None if v is None else v.flip(1))
+            streams.append((flip(backward_proj), flip(x), flip(padding), 1 if self.bidirectional == "separate" else 0))
+        inputs = [self._direction_inputs(p, d, pad) for p, _, pad, d in streams]
+        xs = torch.cat([s[1] for s in streams], dim=0)  # both directions in one scan call: (ndir*B, L, H, P)
+        dt, A, lam, Bm, Cm = (torch.cat(parts, dim=0) for parts in zip(*inputs))
+        if self.rank > 1:
+            xs = xs[:, :, :, None, :] * self.mimo_x.to(xs.dtype)  # (ndir*B, L, H, R, P)
+        else:
+            Bm, Cm = Bm.squeeze(3), Cm.squeeze(3)
+        y = scan(xs, dt, A, lam, Bm.to(xs.dtype), Cm.to(xs.dtype), self.chunk_size)
+        if self.rank > 1:
+            y = (y * self.mimo_out.to(y.dtype)).sum(3)
+        y = y[:batch] + (y[batch:].flip(1) if len(streams) == 2 else 0)
+        y = y + self.D.to(y.dtype)[:, None] * x
+        y = y.flatten(2) * F.silu(z)
+        return self.out_proj(y)
+
+
+class Mamba3Block(nn.Module):
+    """Pre-norm block: ``x + drop_path(mixer(norm(x)))`` then ``x + drop_path(mlp(norm(x)))``.
+
+    forward(x (B, L, D) sorted, padding (B, L) bool | None) -> (B, L, D).
+    """
+
+    def __init__(self, dim: int, mlp_ratio: float = 4.0, drop_path: float = 0.0, **mixer_kwargs):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.mixer = Mamba3Mixer(dim, **mixer_kwargs)
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU)
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor, padding: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.drop_path1(self.mixer(self.norm1(x), padding))
+        return x + self.drop_path2(self.mlp(self.norm2(x)))
+
+
+def sort_by_position(pos: torch.Tensor | None, key_padding_mask: torch.Tensor | None, batch: int, length: int,
+                     device) -> torch.Tensor:
+    """-> order (B, L) long: token indices sorted by ``pos`` with padding last (stable)."""
+    if pos is None:
+        pos = torch.arange(length, device=device).expand(batch, length)
+    key = pos.long()
+    if key_padding_mask is not None:
+        key = torch.where(key_padding_mask, key.max() + 1 if key.numel() else 0, key)
+    return torch.argsort(key, dim=1, stable=True)
+
+
+def gather_tokens(v: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """v (B, L, ...) -> v[b, order[b]]."""
+    index = order.view(*order.shape, *([1] * (v.dim() - 2))).expand_as(v)
+    return torch.gather(v, 1, index)
+
+
+def scatter_tokens(v: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """Inverse of ``gather_tokens``: out[b, order[b, i]] = v[b, i]."""
+    index = order.view(*order.shape, *([1] * (v.dim() - 2))).expand_as(v)
+    return torch.empty_like(v).scatter(1, index, v)
+
+
+class SortedBackbone(nn.Module):
+    """Runs ``blocks`` (each ``block(x, padding)``) on tokens sorted by position, then restores the input order.
+
+    forward(x (B, L, D), pos (B, L) long | None, key_padding_mask (B, L) bool | None) -> (B, L, D).
+    """
+
+    def __init__(self, blocks: list[nn.Module]):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+
+    def forward(self, x, pos=None, key_padding_mask=None):
+        batch, length, _ = x.shape
+        order = sort_by_position(pos, key_padding_mask, batch, length, x.device)
+        x = gather_tokens(x, order)
+        padding = None if key_padding_mask is None else gather_tokens(key_padding_mask, order)
+        for block in self.blocks:
+            x = block(x, padding)
+        if padding is not None:
+            x = x.masked_fill(padding[..., None], 0.0)
+        return scatter_tokens(x, order)
+
+
+def drop_path_rates(drop_path: float, depth: int) -> list[float]:
+    return torch.linspace(0, drop_path, depth).tolist() if depth > 0 else []
+
+
+class Mamba3Backbone(SortedBackbone):
+    """``depth`` Mamba-3 blocks. ``num_heads`` is unused: heads = expand * dim / headdim."""
+
+    def __init__(self, dim: int, depth: int, mlp_ratio: float = 4.0, drop_path: float = 0.0, **mixer_kwargs):
+        super().__init__(
+            [Mamba3Block(dim, mlp_ratio, rate, **mixer_kwargs) for rate in drop_path_rates(drop_path, depth)]
+        )
+
+
+MIXER_KWARGS = ("d_state", "expand", "headdim", "ngroups", "mimo_rank", "use_rotation", "bidirectional", "chunk_size",
+                "dt_min", "dt_max", "a_floor")
+
+
+def mixer_kwargs(kwargs: dict) -> dict:
+    """The Mamba-3 mixer options among a backbone's kwargs (the rest is ignored)."""
+    return {key: kwargs[key] for key in MIXER_KWARGS if key in kwargs}
+
+
+@register_backbone("mamba3")
+def mamba3(dim, depth, num_heads, mlp_ratio: float = 4.0, drop_path: float = 0.0, **kwargs):
+    return Mamba3Backbone(dim, depth, mlp_ratio=mlp_ratio, drop_path=drop_path, **mixer_kwargs(kwargs))

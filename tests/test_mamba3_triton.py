@@ -1,0 +1,68 @@
+"""Triton Mamba-3 scan == PyTorch reference, outputs and all input gradients, under TRITON_INTERPRET=1 on CPU.
+
+TRITON_INTERPRET must be set before triton is imported, so the comparison runs in a fresh subprocess (this file run
+as a script). Skipped when triton is not importable.
+"""
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def compare(dtype_name: str, seed: int) -> dict:
+    """Run in the interpreted subprocess: relative errors {name: err} of Triton vs reference for one dtype."""
+    import torch
+
+    from kernels.mamba3_scan import mamba3_scan
+    from kernels.mamba3_scan_ref import scan_chunked_ref
+
+    torch.set_num_threads(1)
+    dtype = getattr(torch, dtype_name)
+    gen = torch.Generator().manual_seed(seed)
+    batch, length, heads, groups, headdim, state = 2, 72, 4, 2, 16, 16  # 72: a partial last chunk
+    inputs = [
+        torch.randn(batch, length, heads, headdim, generator=gen),
+        torch.rand(batch, length, heads, generator=gen) * 0.5,
+        -torch.rand(batch, length, heads, generator=gen) - 0.05,
+        torch.rand(batch, length, heads, generator=gen),
+        torch.randn(batch, length, groups, state, generator=gen) * 0.5,
+        torch.randn(batch, length, groups, state, generator=gen) * 0.5,
+        torch.randn(heads, generator=gen),
+    ]
+    low_precision = {0, 4, 5}  # x, Bm, Cm travel in `dtype`
+    out_grad = torch.randn(batch, length, heads, headdim, generator=gen)
+
+    def run(fn, cast, **kwargs):
+        args = [(v.to(dtype).to(cast) if i in low_precision else v.to(cast)).requires_grad_()
+                for i, v in enumerate(inputs)]
+        y = fn(*args, **kwargs)
+        (y.to(cast) * out_grad.to(cast)).sum().backward()
+        return [y.detach().double()] + [a.grad.double() for a in args]
+
+    reference = run(scan_chunked_ref, torch.float64, chunk_size=16)
+    # target_programs=24 with batch*heads=8 cuts the 5 chunks into 3 blocks: exercises the block scan too
+    triton_out = run(mamba3_scan, dtype, chunk_size=16, target_programs=24)
+    names = ["y", "dx", "ddt", "dA", "dlam", "dB", "dC", "dD"]
+    return {n: ((t - r).norm() / r.norm()).item() for n, r, t in zip(names, reference, triton_out)}
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+@pytest.mark.parametrize("dtype_name,tolerance", [("float32", 1e-5), ("bfloat16", 2.5e-2)])
+def test_triton_matches_reference_interpreted(dtype_name, tolerance):
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    result = subprocess.run([sys.executable, __file__, dtype_name], env=env, capture_output=True, text=True,
+                            timeout=300, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    errors = eval(result.stdout.strip().splitlines()[-1])  # a dict literal printed by the script
+    bad = {name: err for name, err in errors.items() if not err <= tolerance}
+    assert not bad, f"{dtype_name}: relative errors above {tolerance}: {bad} (all: {errors})"
+
+
+if __name__ == "__main__":
+    assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
+    print(compare(sys.argv[1], seed=0))

@@ -1,0 +1,86 @@
+"""train.py end to end on real Imagenette images: loss falls, exact resume across processes, checkpoints."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train
+from jepa.checkpoint import CheckpointError, checkpoint_dirs
+
+from conftest import REPO, TINY
+
+BASE = TINY + ["trainer.checkpoint_every=2", "trainer.keep_checkpoints=5"]
+
+
+def run_train(root, out, *overrides, subprocess_run=False):
+    args = BASE + [f"data.root={root}", f"trainer.output_dir={out}", *overrides]
+    if subprocess_run:
+        env = dict(os.environ, PYTHONPATH=str(REPO))
+        done = subprocess.run([sys.executable, str(REPO / "train.py"), *args], capture_output=True, text=True,
+                              env=env, cwd=REPO, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done.stdout
+    return train.main(args)
+
+
+def weights(ckpt):
+    return load_file(str(ckpt / "model.safetensors")), load_file(str(ckpt / "target_encoder.safetensors"))
+
+
+def test_loss_falls_on_real_images(imagenette_small, tmp_path, capsys):
+    run_train(imagenette_small, tmp_path, "trainer.max_steps=30", "optim.lr=2e-3", "optim.warmup_steps=3",
+              "loss.kind=l2", "monitor.knn_every=0")
+    out = capsys.readouterr().out
+    losses = [float(line.split("loss ")[1].split()[0]) for line in out.splitlines() if line.startswith("step ")
+              and "loss" in line]
+    assert len(losses) == 30
+    assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5, losses
+    assert "kNN accuracy (k=20): random init" in out
+    assert "resolved config:" in out
+
+
+def test_exact_resume_in_a_new_process(imagenette_small, tmp_path):
+    common = ("trainer.checkpoint_every=3", "optim.schedule_steps=6", "model.drop_path=0.1", "data.num_workers=1",
+              "monitor.knn_every=0")
+    run_train(imagenette_small, tmp_path / "full", "trainer.max_steps=6", *common, subprocess_run=True)
+    run_train(imagenette_small, tmp_path / "split", "trainer.max_steps=3", *common, subprocess_run=True)
+    log = run_train(imagenette_small, tmp_path / "split", "trainer.max_steps=6", *common, subprocess_run=True)
+    assert "resumed from" in log and "at step 3" in log
+    full_online, full_target = weights(tmp_path / "full" / "checkpoint-00000006")
+    split_online, split_target = weights(tmp_path / "split" / "checkpoint-00000006")
+    for name in full_online:
+        assert torch.equal(full_online[name], split_online[name]), name
+    for name in full_target:
+        assert torch.equal(full_target[name], split_target[name]), name
+    state = json.loads((tmp_path / "split" / "checkpoint-00000006" / "train_state.json").read_text())
+    assert state["step"] == 6 and state["schedules"]["lr"]["current"] == 6
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(imagenette_small, tmp_path, monkeypatch):
+    run_train(imagenette_small, tmp_path, "trainer.max_steps=2")
+    good = weights(tmp_path / "checkpoint-00000002")
+    import jepa.methods
+
+    monkeypatch.setattr(jepa.methods, "latent_loss", lambda pred, target, kind: pred.sum() * float("nan"))
+    with pytest.raises(FloatingPointError, match="loss became nan before step 3"):
+        run_train(imagenette_small, tmp_path, "trainer.max_steps=6")
+    assert [p.name for p in checkpoint_dirs(tmp_path)] == ["checkpoint-00000002"]
+    for before, after in zip(good, weights(tmp_path / "checkpoint-00000002")):
+        for name in before:
+            assert torch.equal(before[name], after[name])
+
+
+def test_mismatched_or_corrupt_checkpoint_fails_loudly(imagenette_small, tmp_path):
+    run_train(imagenette_small, tmp_path, "trainer.max_steps=2", "monitor.knn_every=0")
+    with pytest.raises(CheckpointError, match=r"model.depth: checkpoint 2 vs now 3"):
+        run_train(imagenette_small, tmp_path, "trainer.max_steps=4", "model.depth=3")
+    (tmp_path / "checkpoint-00000002" / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(CheckpointError, match="is corrupt or unreadable"):
+        run_train(imagenette_small, tmp_path, "trainer.max_steps=4")
+    (tmp_path / "checkpoint-00000002" / "target_encoder.safetensors").unlink()
+    with pytest.raises(CheckpointError, match=r"is incomplete: missing \['target_encoder.safetensors'\]"):
+        run_train(imagenette_small, tmp_path, "trainer.max_steps=4")
