@@ -55,6 +55,7 @@ class IJEPA(nn.Module):
         loss = latent_loss(pred, targets, self.loss_kind)
         return {
             "loss": loss,
+            "pred": pred.detach(),  # kept for the collapse monitor; not summed into the logs
             "pred_std": feature_std(pred),
             "target_std": feature_std(targets),
             "context_tokens": (~batch["context_pad"]).sum(1).float().mean(),

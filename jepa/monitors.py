@@ -58,3 +58,45 @@ class KNNMonitor:
         queries, query_labels = pooled_features(encoder, self.query_loader, device, autocast)
         scores = knn_predict(bank, bank_labels, queries, self.num_classes, self.k, self.temperature)
         return (scores.argmax(1) == query_labels).float().mean().item()
+
+
+@torch.no_grad()
+def effective_rank(features: torch.Tensor, max_rows: int = 2048) -> torch.Tensor:
+    """RankMe (Garrido et al., 2023): exp(entropy of the normalised singular values) of (N, D) features."""
+    rows = features.detach().float().reshape(-1, features.shape[-1])[:max_rows]
+    singular = torch.linalg.svdvals(rows)
+    p = singular / singular.sum().clamp_min(1e-12) + 1e-12
+    return torch.exp(-(p * p.log()).sum())
+
+
+class CollapseMonitor:
+    """Per-dimension std and effective rank of predicted and target features, with a warning when a std falls
+    under ``std_ratio`` of its first value or a rank drops by more than ``rank_drop`` of its first value.
+
+    ``update(pred, target)`` (…, D) tensors -> ({'collapse/pred_std': ..., ...}, [warning strings]).
+    """
+
+    def __init__(self, std_ratio: float = 0.1, rank_drop: float = 0.3):
+        self.std_ratio, self.rank_drop = std_ratio, rank_drop
+        self.reference: dict[str, float] = {}
+
+    def state_dict(self) -> dict:
+        return dict(self.reference)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.reference = dict(state)
+
+    def update(self, pred: torch.Tensor, target: torch.Tensor) -> tuple[dict, list[str]]:
+        stats = {}
+        for name, features in (("pred", pred), ("target", target)):
+            flat = features.detach().float().reshape(-1, features.shape[-1])
+            stats[f"collapse/{name}_std"] = flat.std(0).mean().item()
+            stats[f"collapse/{name}_rank"] = effective_rank(flat).item()
+        warnings = []
+        for key, value in stats.items():
+            first = self.reference.setdefault(key, value)
+            if key.endswith("_std") and value < self.std_ratio * first:
+                warnings.append(f"{key} fell to {value:.4g}, under {self.std_ratio} x its first value {first:.4g}")
+            if key.endswith("_rank") and value < (1 - self.rank_drop) * first:
+                warnings.append(f"{key} dropped to {value:.1f} from {first:.1f} (more than {self.rank_drop:.0%})")
+        return stats, warnings

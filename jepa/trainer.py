@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import Config, to_yaml
 from .ema import ema_update
+from .monitors import CollapseMonitor
 from .schedules import Cosine, Linear, WarmupCosine
 
 logger = logging.getLogger(__name__)
@@ -37,10 +38,11 @@ class TrainState:
     epoch: int = 0
     batch_in_epoch: int = 0  # micro-batches of this epoch already consumed (this process)
     monitors: dict = field(default_factory=dict)  # e.g. {'knn@0': 0.30, 'knn@1000': 0.41}
+    collapse_reference: dict = field(default_factory=dict)  # first feature std / rank values
 
     def to_dict(self) -> dict:
         return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-                "monitors": self.monitors}
+                "monitors": self.monitors, "collapse_reference": self.collapse_reference}
 
 
 def param_groups(model: nn.Module) -> list[dict]:
@@ -97,6 +99,8 @@ class Trainer:
         self.method = self.accelerator.unwrap_model(self.model)
         self.target_encoder = target_encoder.to(self.device).requires_grad_(False)
         self.state = TrainState()
+        self.collapse = CollapseMonitor()
+        self.last_features: tuple[torch.Tensor, torch.Tensor] | None = None
         self.output_dir = Path(cfg.trainer.output_dir)
 
     # ---------------------------------------------------------------- setup / resume
@@ -107,7 +111,9 @@ class Trainer:
             return
         saved = load_checkpoint(self.accelerator, ckpt, self.target_encoder, self.cfg)
         self.state = TrainState(step=saved["step"], epoch=saved["epoch"], batch_in_epoch=saved["batch_in_epoch"],
-                                monitors=saved.get("monitors", {}))
+                                monitors=saved.get("monitors", {}),
+                                collapse_reference=saved.get("collapse_reference", {}))
+        self.collapse.load_state_dict(self.state.collapse_reference)
         for name, schedule in self.schedules.items():
             schedule.load_state_dict(saved["schedules"][name])
         self._print(f"resumed from {ckpt} at step {self.state.step}")
@@ -150,6 +156,7 @@ class Trainer:
                     targets = self.method.targets(self.target_encoder, batch)
                 out = self.model(batch, targets)
                 self.accelerator.backward(out["loss"] / accum)
+            self.last_features = (out.pop("pred"), targets)
             for key, value in out.items():
                 sums[key] = sums.get(key, 0.0) + value.detach() / accum
             sums["skipped"] = sums.get("skipped", 0) + batch["skipped"]
@@ -181,6 +188,12 @@ class Trainer:
             "train/img_per_s": images / max(seconds, 1e-9),
             "train/epoch": self.state.epoch,
         })
+        if self.last_features is not None:
+            stats, warnings = self.collapse.update(*self.last_features)
+            self.state.collapse_reference = self.collapse.state_dict()
+            logs.update(stats)
+            for warning in warnings:
+                logger.warning("step %d: possible collapse: %s", self.state.step, warning)
         if self.device.type == "cuda":
             logs["train/peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
         self.accelerator.log(logs, step=self.state.step)

@@ -1,0 +1,32 @@
+import torch
+
+from jepa.monitors import CollapseMonitor, effective_rank, knn_predict
+
+
+def test_effective_rank_closed_forms():
+    torch.manual_seed(0)
+    assert abs(effective_rank(torch.randn(4096, 1) @ torch.randn(1, 32)).item() - 1.0) < 1e-2
+    eye = torch.eye(16).repeat(8, 1)  # 16 equal singular values
+    assert abs(effective_rank(eye).item() - 16.0) < 1e-3
+
+
+def test_collapse_monitor_warns_on_std_and_rank_drop():
+    torch.manual_seed(0)
+    monitor = CollapseMonitor()
+    healthy = torch.randn(512, 32)
+    _, warnings = monitor.update(healthy, healthy)
+    assert warnings == []
+    collapsed = torch.randn(512, 1) @ torch.randn(1, 32) * 0.01
+    stats, warnings = monitor.update(collapsed, healthy)
+    assert stats["collapse/pred_rank"] < 2
+    assert any("collapse/pred_std" in w for w in warnings)
+    assert any("collapse/pred_rank" in w for w in warnings)
+    assert not any("target" in w for w in warnings)
+
+
+def test_knn_predict_votes():
+    bank = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]]), dim=1)
+    labels = torch.tensor([0, 0, 1, 1])
+    queries = torch.nn.functional.normalize(torch.tensor([[1.0, 0.05], [0.05, 1.0]]), dim=1)
+    scores = knn_predict(bank, labels, queries, num_classes=2, k=2)
+    assert scores.argmax(1).tolist() == [0, 1]
