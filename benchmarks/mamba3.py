@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kernels.mamba3_scan import mamba3_scan  # noqa: E402
 from kernels.mamba3_scan_ref import cumulative_angles, rotate_pairs, scan_chunked_ref  # noqa: E402
+from predictors.backbones.mamba3 import bias_and_rotate_fast  # noqa: E402
 
 HEADS, HEADDIM, STATE, ANGLES = 24, 64, 128, 32
 TOKENS = 65536
@@ -80,10 +81,10 @@ def ours(inp, scan_fn=mamba3_scan, **scan_kwargs):
     """Our op on the official op's inputs: bias + rotation (PyTorch) then the scan. -> (B, L, H, P)."""
     angle = cumulative_angles(inp["dt"], inp["theta"])
     wide = torch.promote_types(inp["x"].dtype, torch.float32)
-    Bm = rotate_pairs(inp["B"].to(wide) + inp["B_bias"], angle)
-    Cm = rotate_pairs(inp["C"].to(wide) + inp["C_bias"], angle)
     dtype = inp["x"].dtype
-    return scan_fn(inp["x"], inp["dt"], inp["A"], torch.sigmoid(inp["trap"].to(wide)), Bm.to(dtype), Cm.to(dtype),
+    Bm = bias_and_rotate_fast(inp["B"].to(wide), inp["B_bias"], angle, dtype)
+    Cm = bias_and_rotate_fast(inp["C"].to(wide), inp["C_bias"], angle, dtype)
+    return scan_fn(inp["x"], inp["dt"], inp["A"], torch.sigmoid(inp["trap"].to(wide)), Bm, Cm,
                    inp["D"], **scan_kwargs)
 
 
@@ -133,7 +134,7 @@ def check_correctness(combined):
             f"{n}={rel(a, b):.1e}" for n, a, b in zip(["y", "dx", "dB", "dC", "ddt", "dtheta"], *outs)))
 
 
-def op_cost(length, batch, chunk=64):
+def op_cost(length, batch, chunk=32):
     """(flops, minimal bytes) of our scan fwd+bwd: tensor-core matmuls; per-head bf16 B̄, C̄, x, y and grads."""
     chunks_heads = batch * HEADS * length / chunk
     flops = chunks_heads * (2 * chunk**2 * (4 * STATE + 4 * HEADDIM) + 18 * chunk * STATE * HEADDIM)
@@ -183,12 +184,16 @@ def time_ops(lengths, combined, peaks, sweep):
                    Bm=rotate_pairs(inp["B"].float() + inp["B_bias"], angle).bfloat16(),
                    Cm=rotate_pairs(inp["C"].float() + inp["C_bias"], angle).bfloat16(), D=inp["D"])
         dy = torch.randn(1, TOKENS, HEADS, HEADDIM, device="cuda", dtype=torch.bfloat16)
-        for chunk, programs, warps in ((64, 1024, 4), (64, 4096, 4), (64, 2048, 8), (32, 2048, 4), (128, 2048, 8)):
+        for chunk, programs, warps, bwd_warps in ((64, 2048, 4, 8), (32, 1024, 4, 8), (32, 4096, 4, 8),
+                                                  (32, 2048, 4, 4), (32, 2048, 2, 4), (16, 2048, 2, 4)):
             try:
-                ms = bench_ms(lambda: run_scan(pre, dy, chunk_size=chunk, target_programs=programs, num_warps=warps))
-                print(f"chunk {chunk:4d} programs {programs:5d} warps {warps}: {ms:7.2f}", flush=True)
+                ms = bench_ms(lambda: run_scan(pre, dy, chunk_size=chunk, target_programs=programs, num_warps=warps,
+                                               bwd_num_warps=bwd_warps))
+                print(f"chunk {chunk:4d} programs {programs:5d} warps fwd {warps} bwd {bwd_warps}: {ms:7.2f}",
+                      flush=True)
             except Exception as error:  # a config the compiler cannot fit (shared memory) is reported, not fatal
-                print(f"chunk {chunk:4d} programs {programs:5d} warps {warps}: failed ({type(error).__name__})")
+                print(f"chunk {chunk:4d} programs {programs:5d} warps {warps}/{bwd_warps}: failed "
+                      f"({type(error).__name__})")
     return rows
 
 

@@ -60,6 +60,7 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, target_encod
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp), safe_serialization=True)
+    accelerator.wait_for_everyone()  # every process has written its RNG state before the rename
     if accelerator.is_main_process:
         state = {k: v.detach().cpu().contiguous() for k, v in target_encoder.state_dict().items()}
         save_file(state, str(tmp / "target_encoder.safetensors"))

@@ -64,6 +64,16 @@ def build_schedules(cfg: Config) -> dict:
     }
 
 
+def compile_blocks(module: nn.Module) -> None:
+    """Regional compilation: compile each transformer block in place (one graph reused by every block of the
+    same shape), with dynamic sequence length since context lengths vary from batch to batch."""
+    from timm.models.vision_transformer import Block
+
+    for sub in module.modules():
+        if isinstance(sub, Block):
+            sub.compile(dynamic=True)
+
+
 def _mixed_precision(cfg: Config) -> str:
     if cfg.trainer.mixed_precision == "auto":
         return "bf16" if torch.cuda.is_available() else "no"
@@ -95,6 +105,9 @@ class Trainer:
         fused = self.device.type == "cuda"
         optimizer = torch.optim.AdamW(param_groups(method), lr=cfg.optim.start_lr, betas=cfg.optim.betas,
                                       weight_decay=cfg.optim.weight_decay, fused=fused)
+        if cfg.trainer.compile:
+            compile_blocks(method)
+            compile_blocks(target_encoder)
         self.model, self.optimizer = self.accelerator.prepare(method, optimizer)
         self.method = self.accelerator.unwrap_model(self.model)
         self.target_encoder = target_encoder.to(self.device).requires_grad_(False)

@@ -16,6 +16,7 @@ silu(z)``, then ``out_proj``. The scan is the Triton kernel on CUDA (SISO) and t
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn as nn
@@ -27,6 +28,30 @@ from kernels.mamba3_scan_ref import cumulative_angles, expand_groups, rotate_pai
 from . import register_backbone
 
 _DIRECTIONS = {"forward": 1, "shared": 1, "separate": 2}
+
+
+def bias_and_rotate(v: torch.Tensor, bias: torch.Tensor, angle: torch.Tensor | None, dtype: torch.dtype):
+    """v (B, L, H, R, N) + bias (H, R, N), rotated by angle (B, L, H, 1, S) or not (None), cast to ``dtype``."""
+    v = v + bias
+    return (v if angle is None else rotate_pairs(v, angle)).to(dtype)
+
+
+_compiled_bias_and_rotate = None
+
+
+def bias_and_rotate_fast(v, bias, angle, dtype):
+    """``bias_and_rotate``, fused by torch.compile on CUDA (one pass instead of ~10); eager elsewhere or on failure."""
+    global _compiled_bias_and_rotate
+    if not v.is_cuda or _compiled_bias_and_rotate is False:
+        return bias_and_rotate(v, bias, angle, dtype)
+    if _compiled_bias_and_rotate is None:
+        _compiled_bias_and_rotate = torch.compile(bias_and_rotate, dynamic=True)
+    try:
+        return _compiled_bias_and_rotate(v, bias, angle, dtype)
+    except Exception as error:  # no working compiler on this machine: stay correct, just slower
+        warnings.warn(f"mamba3: torch.compile of the B/C rotation failed ({type(error).__name__}); using eager")
+        _compiled_bias_and_rotate = False
+        return bias_and_rotate(v, bias, angle, dtype)
 
 
 def scan(x, dt, A, lam, Bm, Cm, chunk_size: int) -> torch.Tensor:
@@ -59,7 +84,7 @@ class Mamba3Mixer(nn.Module):
         mimo_rank: int = 1,
         use_rotation: bool = True,
         bidirectional: str = "separate",
-        chunk_size: int = 64,
+        chunk_size: int = 32,
         dt_min: float = 0.001,
         dt_max: float = 0.1,
         a_floor: float = 1e-4,
@@ -97,8 +122,8 @@ class Mamba3Mixer(nn.Module):
             self.mimo_out = nn.Parameter(torch.ones(heads, mimo_rank, headdim))
         self.out_proj = nn.Linear(inner, dim, bias=False)
 
-    def _direction_inputs(self, proj: torch.Tensor, direction: int, padding: torch.Tensor | None):
-        """proj (B, L, sizes) -> dt, A, lam (B, L, H) fp32; Bm, Cm (B, L, H, R, N) rotated, fp32."""
+    def _direction_inputs(self, proj: torch.Tensor, direction: int, padding: torch.Tensor | None, dtype):
+        """proj (B, L, sizes) -> dt, A, lam (B, L, H) fp32; Bm, Cm (B, L, H, R, N) biased and rotated, in ``dtype``."""
         batch, length = proj.shape[:2]
         B_in, C_in, dt_in, A_in, lam_in, theta = torch.split(proj, self.direction_sizes, dim=-1)
         dt = F.softplus(dt_in.float() + self.dt_bias[direction])
@@ -107,11 +132,11 @@ class Mamba3Mixer(nn.Module):
         A = -F.softplus(A_in.float()).clamp(min=self.a_floor)
         lam = torch.sigmoid(lam_in.float())
         shape = (batch, length, self.groups, self.rank, self.d_state)
-        Bm = expand_groups(self.B_norm(B_in.float().view(shape)), self.heads) + self.B_bias[direction]
-        Cm = expand_groups(self.C_norm(C_in.float().view(shape)), self.heads) + self.C_bias[direction]
-        if self.use_rotation:
-            angle = cumulative_angles(dt, theta)[:, :, :, None, :]  # (B, L, H, 1, S)
-            Bm, Cm = rotate_pairs(Bm, angle), rotate_pairs(Cm, angle)
+        angle = cumulative_angles(dt, theta)[:, :, :, None, :] if self.use_rotation else None  # (B, L, H, 1, S)
+        Bm = bias_and_rotate_fast(expand_groups(self.B_norm(B_in.float().view(shape)), self.heads),
+                                  self.B_bias[direction], angle, dtype)
+        Cm = bias_and_rotate_fast(expand_groups(self.C_norm(C_in.float().view(shape)), self.heads),
+                                  self.C_bias[direction], angle, dtype)
         return dt, A, lam, Bm, Cm
 
     def forward(self, u: torch.Tensor, padding: torch.Tensor | None = None) -> torch.Tensor:
@@ -129,14 +154,14 @@ class Mamba3Mixer(nn.Module):
         if self.bidirectional != "forward":
             flip = (lambda v: None if v is None else v.flip(1))
             streams.append((flip(backward_proj), flip(x), flip(padding), 1 if self.bidirectional == "separate" else 0))
-        inputs = [self._direction_inputs(p, d, pad) for p, _, pad, d in streams]
+        inputs = [self._direction_inputs(p, d, pad, x.dtype) for p, _, pad, d in streams]
         xs = torch.cat([s[1] for s in streams], dim=0)  # both directions in one scan call: (ndir*B, L, H, P)
         dt, A, lam, Bm, Cm = (torch.cat(parts, dim=0) for parts in zip(*inputs))
         if self.rank > 1:
             xs = xs[:, :, :, None, :] * self.mimo_x.to(xs.dtype)  # (ndir*B, L, H, R, P)
         else:
             Bm, Cm = Bm.squeeze(3), Cm.squeeze(3)
-        y = scan(xs, dt, A, lam, Bm.to(xs.dtype), Cm.to(xs.dtype), self.chunk_size)
+        y = scan(xs, dt, A, lam, Bm, Cm, self.chunk_size)
         if self.rank > 1:
             y = (y * self.mimo_out.to(y.dtype)).sum(3)
         y = y[:batch] + (y[batch:].flip(1) if len(streams) == 2 else 0)
