@@ -17,6 +17,7 @@ import re
 import shutil
 from pathlib import Path
 
+import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
@@ -60,6 +61,7 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, target_encod
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp), safe_serialization=True)
+    save_file(rng_state(), str(tmp / f"rng_state_{accelerator.process_index}.safetensors"))
     accelerator.wait_for_everyone()  # every process has written its RNG state before the rename
     if accelerator.is_main_process:
         state = {k: v.detach().cpu().contiguous() for k, v in target_encoder.state_dict().items()}
@@ -73,6 +75,25 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, target_encod
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final
+
+
+def rng_state() -> dict[str, torch.Tensor]:
+    """This process's torch RNG states (accelerate writes only the main process's)."""
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def restore_rng_state(path: Path, process_index: int) -> None:
+    file = path / f"rng_state_{process_index}.safetensors"
+    if not file.is_file():
+        raise CheckpointError(f"checkpoint '{path}' has no RNG state for process {process_index} ('{file.name}'); "
+                              f"was it written with a different number of processes?")
+    state = load_file(str(file))
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def check_compatible(saved: Config, current: Config, path: Path) -> None:
@@ -114,8 +135,11 @@ def load_checkpoint(accelerator, path: Path, target_encoder: nn.Module, cfg: Con
     try:
         train_state = json.loads((path / "train_state.json").read_text())
         accelerator.load_state(str(path))
+        restore_rng_state(path, accelerator.process_index)
         target_state = load_file(str(path / "target_encoder.safetensors"))
         target_encoder.load_state_dict(target_state, strict=True)
+    except CheckpointError:
+        raise
     except Exception as err:  # corrupt files surface as many exception types; name the checkpoint
         raise CheckpointError(f"checkpoint '{path}' is corrupt or unreadable: {type(err).__name__}: {err}") from err
     return train_state

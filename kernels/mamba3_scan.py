@@ -362,7 +362,7 @@ def _check_shapes(x, dt, Bm, Cm, chunk_size):
             raise ValueError(f"mamba3_scan (Triton): {name}={size} must be a power of two >= 16")
 
 
-def mamba3_scan(x, dt, A, lam, Bm, Cm, D=None, chunk_size: int = 32, target_programs: int = 2048, num_warps: int = 4,
+def mamba3_scan(x, dt, A, lam, Bm, Cm, D=None, chunk_size: int = 32, target_programs: int = 1024, num_warps: int = 4,
                 bwd_num_warps: int = 8):
     """Mamba-3 SISO scan on CUDA (or under TRITON_INTERPRET=1 on CPU). Shapes in the module docstring.
 
