@@ -12,6 +12,7 @@ import torch
 
 from data.folder import scan_split
 from data.loaders import build_labelled_loader, build_pretrain_loader
+from data.transforms import DeviceNormalize
 from jepa.config import Config, load_config
 from jepa.methods import build_method
 from jepa.monitors import KNNMonitor
@@ -49,7 +50,8 @@ def main(argv: list[str] | None = None) -> dict:
     grid = method.context_encoder.grid_size(cfg.data.img_size, cfg.data.img_size)
     loader, batch_sampler = build_pretrain_loader(cfg, grid, accelerator.process_index, accelerator.num_processes,
                                                   pin_memory=accelerator.device.type == "cuda")
-    trainer = Trainer(cfg, method, target_encoder, loader, batch_sampler, build_monitors(cfg), accelerator)
+    trainer = Trainer(cfg, method, target_encoder, loader, batch_sampler, build_monitors(cfg), accelerator,
+                      device_transform=DeviceNormalize())
     state = trainer.fit()
     knn = {int(k.split("@")[1]): v for k, v in state.monitors.items() if k.startswith("knn@")}
     if accelerator.is_main_process and knn:

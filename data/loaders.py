@@ -26,7 +26,7 @@ def build_pretrain_loader(cfg: Config, grid_size: tuple[int, int], rank: int = 0
     """(DataLoader, EpochBatchSampler) over ``data.root/train`` with masks sampled in the workers."""
     d = cfg.data
     dataset = ImageFolderDataset(d.root, "train", pretrain_transform(d.img_size, d.crop_scale, d.hflip),
-                                 on_corrupt=d.on_corrupt, seed=cfg.trainer.seed)
+                                 on_corrupt=d.on_corrupt, seed=cfg.trainer.seed, decode="tensor")
     batch_sampler = EpochBatchSampler(len(dataset), d.batch_size, seed=cfg.trainer.seed, rank=rank,
                                       world_size=world_size)
     loader = torch.utils.data.DataLoader(

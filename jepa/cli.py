@@ -1,19 +1,54 @@
-"""The ``jepa`` console script: ``jepa train --config ... key=value``."""
+"""The ``jepa`` console script.
+
+    jepa train --config configs/quickstart.yaml key=value ...
+    jepa eval {linear,attentive,knn,lowshot} --encoder X --data PATH [--out DIR] [key=value ...]
+    jepa export --ckpt DIR --to timm|hf|safetensors|onnx --out DIR [--which target|context] [--img-size N]
+
+Each subcommand imports its implementation lazily, inside its function.
+"""
 from __future__ import annotations
 
 import argparse
 import sys
 
+COMMANDS = ("train", "eval", "export")
+
+
+def run_train(argv: list[str]) -> None:
+    import train  # the dispatcher may reach train.py's main, lazily
+
+    train.main(argv)
+
+
+def run_eval(argv: list[str]) -> None:
+    from eval.cli import main as eval_main
+
+    eval_main(argv)
+
+
+def run_export(argv: list[str]) -> None:
+    from jepa.export import FORMATS, WHICH, export_encoder
+
+    parser = argparse.ArgumentParser(prog="jepa export", description="Write a checkpoint's encoder only "
+                                     "(prefixes stripped, config alongside) in timm / HF / safetensors / ONNX form.")
+    parser.add_argument("--ckpt", required=True, help="training output folder (newest checkpoint) or checkpoint folder")
+    parser.add_argument("--to", required=True, choices=FORMATS)
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--which", default="target", choices=WHICH, help="target (EMA, default) or context encoder")
+    parser.add_argument("--img-size", type=int, default=0, help="export resolution (default: training data.img_size)")
+    args = parser.parse_args(argv)
+    out = export_encoder(args.ckpt, args.to, args.out, args.which, args.img_size or None)
+    print(f"exported the {args.which} encoder of {args.ckpt} as {args.to} to {out}")
+
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="jepa", description="openjepa: train, evaluate and export JEPA encoders")
-    parser.add_argument("command", choices=["train"], help="train: pretrain (same arguments as train.py)")
-    args, rest = parser.parse_known_args(argv[:1])
-    if args.command == "train":
-        import train  # the dispatcher may reach train.py's main, lazily
-
-        train.main(argv[1:])
+    parser.add_argument("command", choices=COMMANDS,
+                        help="train: pretrain (same arguments as train.py); eval: frozen evaluations; export: "
+                             "encoder-only export")
+    args, _ = parser.parse_known_args(argv[:1])
+    {"train": run_train, "eval": run_eval, "export": run_export}[args.command](argv[1:])
 
 
 if __name__ == "__main__":

@@ -95,12 +95,15 @@ class Trainer:
     """fit() trains ``method`` (wrapped by accelerate) with ``target_encoder`` as its EMA teacher."""
 
     def __init__(self, cfg: Config, method: nn.Module, target_encoder: nn.Module, loader, batch_sampler,
-                 monitors: list | None = None, accelerator=None):
+                 monitors: list | None = None, accelerator=None, device_transform=None):
+        """``device_transform``: batch -> batch, applied after the copy to the device (e.g. uint8 -> normalised
+        float images)."""
         self.cfg = cfg
         self.accelerator = accelerator or make_accelerator(cfg)
         self.device = self.accelerator.device
         self.loader, self.batch_sampler = loader, batch_sampler
         self.monitors = monitors or []
+        self.device_transform = device_transform or (lambda batch: batch)
         self.schedules = build_schedules(cfg)
         fused = self.device.type == "cuda"
         optimizer = torch.optim.AdamW(param_groups(method), lr=cfg.optim.start_lr, betas=cfg.optim.betas,
@@ -151,7 +154,7 @@ class Trainer:
             self.batch_sampler.set_position(self.state.epoch, self.state.batch_in_epoch)
             for batch in self.loader:
                 self.state.batch_in_epoch += 1
-                yield {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+                yield self.device_transform({k: v.to(self.device, non_blocking=True) for k, v in batch.items()})
 
     # ---------------------------------------------------------------- one optimizer step
     def _train_step(self, batches, sums: dict) -> None:

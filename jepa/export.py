@@ -1,0 +1,363 @@
+"""Encoder-only export of a training checkpoint: timm hub folder, Hugging Face ``IJepaModel`` folder, plain
+safetensors, or ONNX; and the inverse (``load_export``) so that evaluation can start from any export.
+
+    jepa export --ckpt outputs/run --to timm --out exports/vit_s16
+
+Every export folder holds ``config.yaml`` (the training config the encoder was built from) and ``export.json``
+(``format``, ``encoder``, ``img_size``, ``source`` checkpoint, ``which`` encoder, parity numbers), beside:
+
+- ``safetensors``: ``encoder.safetensors`` — our encoder's own keys (``patch_embed.proj.*``, ``blocks.i.*``,
+  ``norm.*`` for a ViT; ``backbone.*``, ``norm.*`` for a CNN), prefixes such as ``context_encoder.`` stripped.
+- ``timm``: timm's hub layout, ``config.json`` (``architecture``, ``model_args``, ``pretrained_cfg`` with the true
+  ``input_size``/``mean``/``std``) and ``model.safetensors``. Load it with
+  ``timm.create_model('local-dir:<folder>', pretrained=True)`` or, on the architecture name,
+  ``timm.create_model(cfg['architecture'], pretrained=True, pretrained_cfg_overlay=dict(file='<folder>/model.safetensors'),
+  **cfg['model_args'])``.
+
+  ViT mapping (ours -> timm ``VisionTransformer``): every parameter keeps its name (our ViT is built from timm's
+  ``Block`` with timm's names); timm's ``pos_embed`` (1, N, D) is *added* and holds our fixed 2-D sin-cos table
+  ``sincos_2d(D, S/p, S/p)`` for the export size S (first D/2 channels: row, last D/2: column) — fixed in our
+  encoder, a (learnable) parameter in timm. ``model_args``: ``class_token=False``, ``no_embed_class=True``,
+  ``reg_tokens=0``, ``global_pool='avg'``, ``fc_norm=False`` (so timm's final ``norm`` is applied to every token
+  before pooling, as ours), ``dynamic_img_size=False``, ``qkv_bias``, ``mlp_ratio``, LayerNorm eps 1e-6 (timm's
+  default). Then ``timm_model.forward_features(x)`` (B, N, D) equals ``encoder(x)`` and
+  ``timm_model(x)`` (B, D) equals ``encoder(x).mean(1)``.
+
+  CNN mapping: ``backbone.<name>`` -> ``<name>`` of ``timm.create_model(<timm name>, num_classes=0)``; our
+  encoder's token LayerNorm (applied to the flattened feature map) has no timm counterpart and is written to
+  ``token_norm.safetensors`` (``weight``, ``bias``; eps 1e-6): ``encoder(x) ==
+  layer_norm(timm_model.forward_features(x).flatten(2).transpose(1, 2), weight, bias, eps=1e-6)``.
+- ``hf`` (ViT only): ``config.json`` (``IJepaConfig``: ``layer_norm_eps=1e-6``, ``hidden_act='gelu'``,
+  ``image_size`` = S) and ``model.safetensors`` in the hub checkpoint naming that every transformers version
+  reads (``embeddings.patch_embeddings.projection``, ``embeddings.position_embeddings`` = the sin-cos table,
+  ``encoder.layer.i.attention.attention.{query,key,value}`` = the rows of our fused ``blocks.i.attn.qkv``,
+  ``encoder.layer.i.attention.output.dense`` = ``attn.proj``, ``layernorm_before/after`` = ``norm1/norm2``,
+  ``intermediate.dense``/``output.dense`` = ``mlp.fc1/fc2``, ``layernorm`` = ``norm``).
+  ``IJepaModel.from_pretrained(folder)(pixel_values).last_hidden_state`` equals ``encoder(x)``.
+- ``onnx``: ``encoder.onnx``, input ``images`` (B, 3, S, S) -> output ``tokens`` (B, N, D), dynamic batch axis;
+  checked against the PyTorch encoder with onnxruntime when it is installed.
+"""
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from encoders.cnn import CNNEncoder
+from encoders.pos_embed import sincos_2d
+from encoders.registry import build_encoder
+from encoders.vit import VisionTransformer
+
+from .checkpoint import CHECKPOINT_PATTERN, latest_checkpoint
+from .config import Config, load_config, to_yaml
+
+FORMATS = ("timm", "hf", "safetensors", "onnx")
+WHICH = ("target", "context")
+# eval transform statistics (data.transforms; jepa/ does not import data/)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ExportError(ValueError):
+    """A checkpoint or export folder is missing, incomplete, or cannot be written in the asked format."""
+
+
+# ----------------------------------------------------------------------------------------------- checkpoints
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder itself, or the newest ``checkpoint-<step>`` inside a training output folder."""
+    path = Path(path)
+    if not path.exists():
+        raise ExportError(f"checkpoint path '{path}' does not exist (expected a training output folder or a "
+                          f"checkpoint-<step> folder)")
+    if (path / "config.yaml").is_file() and (path / "target_encoder.safetensors").is_file():
+        return path
+    newest = latest_checkpoint(path)
+    if newest is None:
+        raise ExportError(f"'{path}' holds no checkpoint (expected checkpoint-<step>/ folders with config.yaml and "
+                          f"target_encoder.safetensors, or such a folder itself)")
+    return newest
+
+
+def is_checkpoint_path(path: str | Path) -> bool:
+    path = Path(path)
+    if (path / "target_encoder.safetensors").is_file():
+        return True
+    return path.is_dir() and any(CHECKPOINT_PATTERN.match(p.name) for p in path.iterdir() if p.is_dir())
+
+
+def build_from_config(cfg: Config) -> nn.Module:
+    m = cfg.model
+    return build_encoder(m.encoder, patch_size=m.patch_size, img_size=m.img_size, qkv_bias=m.qkv_bias,
+                         embed_dim=m.embed_dim, depth=m.depth, num_heads=m.num_heads)
+
+
+def load_checkpoint_encoder(path: str | Path, which: str = "target") -> tuple[nn.Module, Config, Path]:
+    """(encoder in eval mode, its training config, the checkpoint folder used). ``which``: ``target`` (EMA
+    weights, ``target_encoder.safetensors``) or ``context`` (``context_encoder.*`` of ``model.safetensors``)."""
+    if which not in WHICH:
+        raise ExportError(f"--which '{which}' is unknown (expected one of {list(WHICH)})")
+    ckpt = resolve_checkpoint(path)
+    cfg = load_config(ckpt / "config.yaml")
+    encoder = build_from_config(cfg)
+    if which == "target":
+        state = _read(ckpt / "target_encoder.safetensors")
+    else:
+        online = _read(ckpt / "model.safetensors")
+        prefix = "context_encoder."
+        state = {k[len(prefix):]: v for k, v in online.items() if k.startswith(prefix)}
+        if not state:
+            raise ExportError(f"'{ckpt / 'model.safetensors'}' has no '{prefix}*' keys (found e.g. "
+                              f"{sorted(online)[:3]})")
+    _load_strict(encoder, state, ckpt)
+    return encoder.eval(), cfg, ckpt
+
+
+def _read(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise ExportError(f"missing weights file '{path}'")
+    return load_file(str(path))
+
+
+def _load_strict(encoder: nn.Module, state: dict, where: Path) -> None:
+    result = encoder.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ExportError(f"weights in '{where}' do not match the encoder of its config: missing "
+                          f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}")
+
+
+# ------------------------------------------------------------------------------------------------ mappings
+def _vit_check(encoder: nn.Module, fmt: str) -> VisionTransformer:
+    if not isinstance(encoder, VisionTransformer):
+        raise ExportError(f"--to {fmt} needs a ViT encoder, got {type(encoder).__name__} (CNN encoders export to "
+                          f"timm, safetensors or onnx)")
+    return encoder
+
+
+def pos_table(encoder: VisionTransformer, img_size: int) -> torch.Tensor:
+    """(1, (S/p)^2, D) fixed sin-cos table of our ViT at export size S."""
+    grid = img_size // encoder.patch_size
+    return sincos_2d(encoder.embed_dim, grid, grid).unsqueeze(0).clone()
+
+
+def timm_arch(encoder: VisionTransformer, size_name: str, img_size: int) -> str:
+    """A registered timm ViT name of the same family (model_args override its sizes anyway)."""
+    import timm
+
+    size = size_name.removeprefix("vit_")
+    for name in (f"vit_{size}_patch{encoder.patch_size}_{img_size}", f"vit_{size}_patch{encoder.patch_size}_224",
+                 f"vit_{size}_patch16_224", f"vit_{size}_patch14_224"):
+        if timm.is_model(name):
+            return name
+    return "vit_base_patch16_224"
+
+
+def timm_vit_model_args(encoder: VisionTransformer, img_size: int) -> dict:
+    block = encoder.blocks[0]
+    return dict(img_size=img_size, patch_size=encoder.patch_size, embed_dim=encoder.embed_dim,
+                depth=len(encoder.blocks), num_heads=encoder.num_heads, mlp_ratio=encoder.mlp_ratio,
+                qkv_bias=block.attn.qkv.bias is not None, class_token=False, no_embed_class=True, reg_tokens=0,
+                global_pool="avg", fc_norm=False, dynamic_img_size=False)
+
+
+def to_timm_vit_state(encoder: VisionTransformer, img_size: int) -> dict[str, torch.Tensor]:
+    state = {k: v.detach().cpu().float().contiguous() for k, v in encoder.state_dict().items()}
+    state["pos_embed"] = pos_table(encoder, img_size)
+    return state
+
+
+def to_hf_state(encoder: VisionTransformer, img_size: int) -> dict[str, torch.Tensor]:
+    """Our ViT state -> IJepaModel hub-checkpoint keys (see the module docstring)."""
+    src = {k: v.detach().cpu().float() for k, v in encoder.state_dict().items()}
+    out = {
+        "embeddings.patch_embeddings.projection.weight": src["patch_embed.proj.weight"],
+        "embeddings.patch_embeddings.projection.bias": src["patch_embed.proj.bias"],
+        "embeddings.position_embeddings": pos_table(encoder, img_size),
+        "layernorm.weight": src["norm.weight"],
+        "layernorm.bias": src["norm.bias"],
+    }
+    for i in range(len(encoder.blocks)):
+        ours, hf = f"blocks.{i}.", f"encoder.layer.{i}."
+        for kind in ("weight", "bias"):
+            qkv = src.get(f"{ours}attn.qkv.{kind}")
+            if qkv is not None:
+                for name, part in zip(("query", "key", "value"), qkv.chunk(3, dim=0)):
+                    out[f"{hf}attention.attention.{name}.{kind}"] = part
+            out[f"{hf}attention.output.dense.{kind}"] = src[f"{ours}attn.proj.{kind}"]
+            out[f"{hf}layernorm_before.{kind}"] = src[f"{ours}norm1.{kind}"]
+            out[f"{hf}layernorm_after.{kind}"] = src[f"{ours}norm2.{kind}"]
+            out[f"{hf}intermediate.dense.{kind}"] = src[f"{ours}mlp.fc1.{kind}"]
+            out[f"{hf}output.dense.{kind}"] = src[f"{ours}mlp.fc2.{kind}"]
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def from_hf_state(hf: dict[str, torch.Tensor], depth: int) -> dict[str, torch.Tensor]:
+    """Inverse of ``to_hf_state`` (position table dropped: ours is computed)."""
+    out = {
+        "patch_embed.proj.weight": hf["embeddings.patch_embeddings.projection.weight"],
+        "patch_embed.proj.bias": hf["embeddings.patch_embeddings.projection.bias"],
+        "norm.weight": hf["layernorm.weight"],
+        "norm.bias": hf["layernorm.bias"],
+    }
+    for i in range(depth):
+        ours, src = f"blocks.{i}.", f"encoder.layer.{i}."
+        for kind in ("weight", "bias"):
+            parts = [hf.get(f"{src}attention.attention.{n}.{kind}") for n in ("query", "key", "value")]
+            if parts[0] is not None:
+                out[f"{ours}attn.qkv.{kind}"] = torch.cat(parts, 0)
+            out[f"{ours}attn.proj.{kind}"] = hf[f"{src}attention.output.dense.{kind}"]
+            out[f"{ours}norm1.{kind}"] = hf[f"{src}layernorm_before.{kind}"]
+            out[f"{ours}norm2.{kind}"] = hf[f"{src}layernorm_after.{kind}"]
+            out[f"{ours}mlp.fc1.{kind}"] = hf[f"{src}intermediate.dense.{kind}"]
+            out[f"{ours}mlp.fc2.{kind}"] = hf[f"{src}output.dense.{kind}"]
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- writers
+def _pretrained_cfg(img_size: int, first_conv: str, classifier: str, fixed_input_size: bool) -> dict:
+    """timm ``pretrained_cfg``; ``fixed_input_size`` makes timm pass ``img_size`` to the model (ViT only)."""
+    return dict(input_size=[3, img_size, img_size], fixed_input_size=fixed_input_size, mean=list(IMAGENET_MEAN),
+                std=list(IMAGENET_STD), interpolation="bicubic", crop_pct=1.0, crop_mode="center", num_classes=0,
+                first_conv=first_conv, classifier=classifier, license="apache-2.0")
+
+
+def write_timm(encoder: nn.Module, cfg: Config, img_size: int, out: Path) -> dict:
+    if isinstance(encoder, CNNEncoder):
+        state = {k.removeprefix("backbone."): v.detach().cpu().float().contiguous()
+                 for k, v in encoder.state_dict().items() if k.startswith("backbone.")}
+        pretrained = encoder.backbone.pretrained_cfg if hasattr(encoder.backbone, "pretrained_cfg") else {}
+        config = dict(architecture=encoder.timm_name, num_classes=0, num_features=encoder.embed_dim,
+                      model_args={}, pretrained_cfg=_pretrained_cfg(img_size, pretrained.get("first_conv", "conv1"),
+                                                                    pretrained.get("classifier", "fc"), False))
+        save_file({"weight": encoder.norm.weight.detach().cpu().float().contiguous(),
+                   "bias": encoder.norm.bias.detach().cpu().float().contiguous()},
+                  str(out / "token_norm.safetensors"))
+    else:
+        vit_encoder = _vit_check(encoder, "timm")
+        state = to_timm_vit_state(vit_encoder, img_size)
+        config = dict(architecture=timm_arch(vit_encoder, cfg.model.encoder, img_size), num_classes=0,
+                      num_features=vit_encoder.embed_dim, global_pool="avg",
+                      model_args=timm_vit_model_args(vit_encoder, img_size),
+                      pretrained_cfg=_pretrained_cfg(img_size, "patch_embed.proj", "head", True))
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    return {"architecture": config["architecture"]}
+
+
+def write_hf(encoder: nn.Module, cfg: Config, img_size: int, out: Path) -> dict:
+    from transformers import IJepaConfig
+
+    vit_encoder = _vit_check(encoder, "hf")
+    block = vit_encoder.blocks[0]
+    hf_config = IJepaConfig(hidden_size=vit_encoder.embed_dim, num_hidden_layers=len(vit_encoder.blocks),
+                            num_attention_heads=vit_encoder.num_heads, intermediate_size=block.mlp.fc1.out_features,
+                            hidden_act="gelu", layer_norm_eps=1e-6, image_size=img_size,
+                            patch_size=vit_encoder.patch_size, qkv_bias=block.attn.qkv.bias is not None)
+    hf_config.architectures = ["IJepaModel"]
+    hf_config.save_pretrained(str(out))
+    save_file(to_hf_state(vit_encoder, img_size), str(out / "model.safetensors"), metadata={"format": "pt"})
+    return {}
+
+
+def write_safetensors(encoder: nn.Module, cfg: Config, img_size: int, out: Path) -> dict:
+    state = {k: v.detach().cpu().float().contiguous() for k, v in encoder.state_dict().items()}
+    save_file(state, str(out / "encoder.safetensors"), metadata={"format": "pt"})
+    return {}
+
+
+class _TokensOnly(nn.Module):
+    def __init__(self, encoder: nn.Module):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.encoder(images)
+
+
+def write_onnx(encoder: nn.Module, cfg: Config, img_size: int, out: Path) -> dict:
+    path = out / "encoder.onnx"
+    example = torch.randn(2, 3, img_size, img_size, generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings about shape checks on constant sizes
+        torch.onnx.export(_TokensOnly(encoder).eval(), (example,), str(path), input_names=["images"],
+                          output_names=["tokens"], dynamic_axes={"images": {0: "batch"}, "tokens": {0: "batch"}},
+                          opset_version=17, dynamo=False)
+    info = {"onnx_max_abs_diff": None}
+    try:
+        import onnxruntime
+    except ImportError:
+        return info
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    check = torch.randn(3, 3, img_size, img_size, generator=torch.Generator().manual_seed(1))
+    (got,) = session.run(["tokens"], {"images": check.numpy()})
+    with torch.no_grad():
+        want = encoder(check)
+    diff = float((torch.from_numpy(got) - want).abs().max())
+    if diff > 1e-4:
+        raise ExportError(f"ONNX export '{path}' differs from the PyTorch encoder by {diff:.2e} (> 1e-4)")
+    info["onnx_max_abs_diff"] = diff
+    return info
+
+
+WRITERS = {"timm": write_timm, "hf": write_hf, "safetensors": write_safetensors, "onnx": write_onnx}
+
+
+def export_encoder(ckpt: str | Path, fmt: str, out: str | Path, which: str = "target",
+                   img_size: int | None = None) -> Path:
+    """Write the encoder of checkpoint ``ckpt`` (newest in a training folder) to ``out`` in format ``fmt``;
+    ``img_size`` defaults to the training ``data.img_size``. Returns ``out``."""
+    if fmt not in FORMATS:
+        raise ExportError(f"--to '{fmt}' is unknown (expected one of {list(FORMATS)})")
+    encoder, cfg, ckpt_path = load_checkpoint_encoder(ckpt, which)
+    img_size = img_size or cfg.data.img_size
+    if img_size % encoder.patch_size:
+        raise ExportError(f"--img-size {img_size} is not divisible by the encoder's patch size {encoder.patch_size}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    info = WRITERS[fmt](encoder, cfg, img_size, out)
+    (out / "config.yaml").write_text(to_yaml(cfg))
+    meta = dict(format=fmt, encoder=cfg.model.encoder, img_size=img_size, source=str(ckpt_path.resolve()),
+                which=which, **info)
+    (out / "export.json").write_text(json.dumps(meta, indent=2))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- readers
+def is_export_path(path: str | Path) -> bool:
+    return (Path(path) / "export.json").is_file()
+
+
+def load_export(path: str | Path) -> tuple[nn.Module, Config, dict]:
+    """(our encoder with the exported weights, training config, export.json) of a safetensors/timm/hf export."""
+    path = Path(path)
+    if not is_export_path(path):
+        raise ExportError(f"'{path}' is not an export folder (no export.json; write one with `jepa export`)")
+    meta = json.loads((path / "export.json").read_text())
+    cfg = load_config(path / "config.yaml")
+    encoder = build_from_config(cfg)
+    fmt = meta.get("format")
+    if fmt == "safetensors":
+        state = _read(path / "encoder.safetensors")
+    elif fmt == "timm" and isinstance(encoder, CNNEncoder):
+        state = {f"backbone.{k}": v for k, v in _read(path / "model.safetensors").items()}
+        state.update({f"norm.{k}": v for k, v in _read(path / "token_norm.safetensors").items()})
+    elif fmt == "timm":
+        state = _read(path / "model.safetensors")
+        state.pop("pos_embed", None)
+    elif fmt == "hf":
+        state = from_hf_state(_read(path / "model.safetensors"), len(encoder.blocks))
+    else:
+        raise ExportError(f"export '{path}' has format {fmt!r}; evaluation reads safetensors, timm or hf exports "
+                          f"(ONNX is for deployment: evaluate its source checkpoint {meta.get('source')!r} instead)")
+    _load_strict(encoder, state, path)
+    return encoder.eval(), cfg, meta
+
+
+def cnn_tokens_from_timm(features: torch.Tensor, token_norm: dict[str, torch.Tensor]) -> torch.Tensor:
+    """timm CNN ``forward_features`` (B, C, h, w) + ``token_norm.safetensors`` -> our tokens (B, h*w, C)."""
+    tokens = features.flatten(2).transpose(1, 2)
+    return F.layer_norm(tokens, tokens.shape[-1:], token_norm["weight"], token_norm["bias"], eps=1e-6)
