@@ -258,8 +258,9 @@ class Trainer:
                 logs = self._log(sums, window_steps, time.perf_counter() - window_start)
                 bar.set_postfix(loss=f"{logs['train/loss']:.4f}", img_s=f"{logs['train/img_per_s']:.0f}")
                 if not cfg.progress_bar:
+                    memory = f"  peak {logs['train/peak_mem_gib']:.2f} GiB" if "train/peak_mem_gib" in logs else ""
                     self._print(f"step {self.state.step}: loss {logs['train/loss']:.4f}  lr {logs['train/lr']:.2e}  "
-                                f"img/s {logs['train/img_per_s']:.0f}")
+                                f"img/s {logs['train/img_per_s']:.0f}{memory}")
                 sums, window_steps, window_start = {}, 0, time.perf_counter()
             monitor_due = self.cfg.monitor.knn_every and self.state.step % self.cfg.monitor.knn_every == 0
             if self.monitors and (monitor_due or last):
