@@ -11,8 +11,10 @@ Every export folder holds ``config.yaml`` (the training config the encoder was b
 - ``timm``: timm's hub layout, ``config.json`` (``architecture``, ``model_args``, ``pretrained_cfg`` with the true
   ``input_size``/``mean``/``std``) and ``model.safetensors``. Load it with
   ``timm.create_model('local-dir:<folder>', pretrained=True)`` or, on the architecture name,
-  ``timm.create_model(cfg['architecture'], pretrained=True, pretrained_cfg_overlay=dict(file='<folder>/model.safetensors'),
-  **cfg['model_args'])``.
+  ``timm.create_model(cfg['architecture'], pretrained=True, num_classes=0, **cfg['model_args'],
+  pretrained_cfg_overlay=dict(file='<folder>/model.safetensors', custom_load=False))`` (``custom_load=False``:
+  some default tags of timm's ViT names load JAX ``.npz`` files otherwise). ``pretrained=True`` is needed in
+  both forms: without it timm builds the architecture at random init.
 
   ViT mapping (ours -> timm ``VisionTransformer``): every parameter keeps its name (our ViT is built from timm's
   ``Block`` with timm's names); timm's ``pos_embed`` (1, N, D) is *added* and holds our fixed 2-D sin-cos table
@@ -222,7 +224,7 @@ def _pretrained_cfg(img_size: int, first_conv: str, classifier: str, fixed_input
     """timm ``pretrained_cfg``; ``fixed_input_size`` makes timm pass ``img_size`` to the model (ViT only)."""
     return dict(input_size=[3, img_size, img_size], fixed_input_size=fixed_input_size, mean=list(IMAGENET_MEAN),
                 std=list(IMAGENET_STD), interpolation="bicubic", crop_pct=1.0, crop_mode="center", num_classes=0,
-                first_conv=first_conv, classifier=classifier, license="apache-2.0")
+                first_conv=first_conv, classifier=classifier, custom_load=False, license="apache-2.0")
 
 
 def write_timm(encoder: nn.Module, cfg: Config, img_size: int, out: Path) -> dict:

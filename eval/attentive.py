@@ -1,0 +1,111 @@
+"""Attentive probe (V-JEPA style) on cached tokens: a learnable query cross-attends to the frozen tokens, a
+linear layer classifies the pooled vector. Depth 1: one cross-attention block; depth 4: three self-attention
+blocks over the tokens first (V-JEPA 2's probe), then the cross-attention block. The (lr × weight decay) grid
+trains in one pass as parallel probes (AdamW, warmup + cosine); selection on a held-out part of train."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.models.vision_transformer import Block, Mlp
+
+from .config import AttentiveConfig
+from .grid import GridResult, cosine_factor, grid, stratified_holdout, summarise
+
+
+def default_num_heads(dim: int) -> int:
+    """The most heads (<= 16) dividing ``dim`` with a head dim of at least 32 (1 if none)."""
+    for heads in (16, 12, 8, 6, 4, 3, 2):
+        if dim % heads == 0 and dim // heads >= 32:
+            return heads
+    return 1
+
+
+class CrossAttentionBlock(nn.Module):
+    """query (B, Q, D), tokens (B, T, D) -> (B, Q, D): q + xattn(q, norm(tokens)); q + mlp(norm(q))."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.num_heads = num_heads
+        self.norm_q = nn.LayerNorm(dim, eps=1e-6)
+        self.norm_kv = nn.LayerNorm(dim, eps=1e-6)
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm_mlp = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, query: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        batch, num_q, dim = query.shape
+        heads = self.num_heads
+        q = self.q(self.norm_q(query)).view(batch, num_q, heads, -1).transpose(1, 2)
+        k, v = self.kv(self.norm_kv(tokens)).view(batch, tokens.shape[1], 2, heads, -1).permute(2, 0, 3, 1, 4)
+        attended = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(batch, num_q, dim)
+        query = query + self.proj(attended)
+        return query + self.mlp(self.norm_mlp(query))
+
+
+class AttentiveClassifier(nn.Module):
+    """tokens (B, T, D) -> logits (B, C)."""
+
+    def __init__(self, dim: int, num_classes: int, depth: int = 1, num_heads: int = 0, mlp_ratio: float = 4.0):
+        super().__init__()
+        num_heads = num_heads or default_num_heads(dim)
+        self.blocks = nn.ModuleList(Block(dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=True) for _ in range(depth - 1))
+        self.query = nn.Parameter(torch.zeros(1, 1, dim))
+        nn.init.trunc_normal_(self.query, std=0.02)
+        self.cross = CrossAttentionBlock(dim, num_heads, mlp_ratio)
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            tokens = block(tokens)
+        pooled = self.cross(self.query.expand(tokens.shape[0], -1, -1), tokens)[:, 0]
+        return self.head(self.norm(pooled))
+
+
+@torch.no_grad()
+def _logits(probes: nn.ModuleList, tokens: torch.Tensor, device, chunk: int = 512) -> list[torch.Tensor]:
+    probes.eval()
+    out = [[] for _ in probes]
+    for start in range(0, len(tokens), chunk):
+        x = tokens[start:start + chunk].to(device).float()
+        for i, probe in enumerate(probes):
+            out[i].append(probe(x).float().cpu())
+    return [torch.cat(parts) for parts in out]
+
+
+def attentive_probe(train_tokens: torch.Tensor, train_y: torch.Tensor, val_tokens: torch.Tensor,
+                    val_y: torch.Tensor, num_classes: int, cfg: AttentiveConfig, seed: int = 0,
+                    device: str | torch.device = "cpu") -> GridResult:
+    """train_tokens (N, T, D), val_tokens (M, T, D) (any float dtype), labels (N,), (M,)."""
+    device = torch.device(device)
+    fit_idx, held_idx = stratified_holdout(train_y, cfg.holdout_fraction, seed)
+    settings = grid(cfg.lrs, cfg.weight_decays)
+    torch.manual_seed(seed)
+    dim = train_tokens.shape[-1]
+    probes = nn.ModuleList(AttentiveClassifier(dim, num_classes, cfg.depth, cfg.num_heads, cfg.mlp_ratio)
+                           for _ in settings).to(device)
+    optimizer = torch.optim.AdamW([dict(params=p.parameters(), lr=lr, weight_decay=wd, base_lr=lr)
+                                   for p, (lr, wd) in zip(probes, settings)])
+    steps_per_epoch = max(1, -(-len(fit_idx) // cfg.batch_size))
+    total, warmup, step = cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch, 0
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(cfg.epochs):
+        probes.train()
+        order = fit_idx[torch.randperm(len(fit_idx), generator=generator)]
+        for start in range(0, len(order), cfg.batch_size):
+            batch = order[start:start + cfg.batch_size]
+            x, y = train_tokens[batch].to(device).float(), train_y[batch].to(device)
+            loss = sum(F.cross_entropy(probe(x), y) for probe in probes)
+            factor = cosine_factor(step, total, warmup)
+            for group in optimizer.param_groups:
+                group["lr"] = group["base_lr"] * factor
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+    held = _logits(probes, train_tokens[held_idx], device)
+    val = _logits(probes, val_tokens, device)
+    return summarise(settings, held, train_y[held_idx], val, val_y)
