@@ -91,6 +91,9 @@ class OptimConfig:
 @dataclass
 class LossConfig:
     kind: str = "smooth_l1"  # smooth_l1 | l1 | l2
+    # C-JEPA-style VICReg terms on the mean-pooled context embeddings of each image (0: off, the official I-JEPA)
+    variance_weight: float = 0.0
+    covariance_weight: float = 0.0
 
 
 @dataclass

@@ -15,3 +15,19 @@ def latent_loss(pred: torch.Tensor, target: torch.Tensor, kind: str = "smooth_l1
     if kind == "l2":
         return F.mse_loss(pred, target)
     raise ValueError(f"loss.kind '{kind}' is unknown (expected smooth_l1, l1 or l2)")
+
+
+def variance_covariance(embeddings: torch.Tensor, eps: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor]:
+    """VICReg's variance and covariance terms of (B, D) embeddings (Bardes et al., 2022).
+
+    variance: mean over dimensions of relu(1 - std); covariance: sum of squared off-diagonal covariances / D.
+    Used on image-level context embeddings as in C-JEPA (I-JEPA + VICReg) to keep them from collapsing early.
+    """
+    z = embeddings.float()
+    z = z - z.mean(0)
+    std = torch.sqrt(z.var(0) + eps)
+    variance = F.relu(1.0 - std).mean()
+    cov = (z.T @ z) / max(z.shape[0] - 1, 1)
+    off_diagonal = cov - torch.diag(torch.diagonal(cov))
+    covariance = off_diagonal.pow(2).sum() / z.shape[1]
+    return variance, covariance

@@ -17,7 +17,7 @@ from encoders.vit import gather_tokens
 from predictors.ijepa import JEPAPredictor
 
 from .config import Config
-from .losses import latent_loss
+from .losses import latent_loss, variance_covariance
 
 
 def feature_std(features: torch.Tensor) -> torch.Tensor:
@@ -32,11 +32,13 @@ class IJEPA(nn.Module):
     batch: ``images`` (B, 3, H, W), ``context_idx`` / ``context_pad`` (B, Nc), ``target_idx`` (B, n, Nt).
     """
 
-    def __init__(self, encoder: nn.Module, predictor: JEPAPredictor, loss_kind: str = "smooth_l1"):
+    def __init__(self, encoder: nn.Module, predictor: JEPAPredictor, loss_kind: str = "smooth_l1",
+                 variance_weight: float = 0.0, covariance_weight: float = 0.0):
         super().__init__()
         self.context_encoder = encoder
         self.predictor = predictor
         self.loss_kind = loss_kind
+        self.variance_weight, self.covariance_weight = variance_weight, covariance_weight
 
     @torch.no_grad()
     def targets(self, target_encoder: nn.Module, batch: dict) -> torch.Tensor:
@@ -52,9 +54,19 @@ class IJEPA(nn.Module):
         context = self.context_encoder(images, batch["context_idx"], batch["context_pad"])
         grid = self.context_encoder.grid_size(*images.shape[-2:])
         pred = self.predictor(context, batch["context_idx"], batch["context_pad"], batch["target_idx"], grid)
-        loss = latent_loss(pred, targets, self.loss_kind)
+        prediction_loss = latent_loss(pred, targets, self.loss_kind)
+        loss = prediction_loss
+        logs = {}
+        if self.variance_weight or self.covariance_weight:
+            keep = (~batch["context_pad"]).unsqueeze(-1).to(context.dtype)
+            pooled = (context * keep).sum(1) / keep.sum(1)  # (B, D) mean over real context tokens
+            variance, covariance = variance_covariance(pooled)
+            loss = loss + self.variance_weight * variance + self.covariance_weight * covariance
+            logs = {"variance_loss": variance.detach(), "covariance_loss": covariance.detach()}
         return {
             "loss": loss,
+            "prediction_loss": prediction_loss.detach(),
+            **logs,
             "pred": pred.detach(),  # kept for the collapse monitor; not summed into the logs
             "pred_std": feature_std(pred),
             "target_std": feature_std(targets),
@@ -73,6 +85,6 @@ def build_method(cfg: Config) -> tuple[IJEPA, nn.Module]:
         backbone=p.backbone, gated_attention=p.gated_attention, pattern=p.pattern, d_state=p.d_state,
         expand=p.expand, headdim=p.headdim, mimo_rank=p.mimo_rank,
     )
-    method = IJEPA(encoder, predictor, cfg.loss.kind)
+    method = IJEPA(encoder, predictor, cfg.loss.kind, cfg.loss.variance_weight, cfg.loss.covariance_weight)
     target_encoder = copy.deepcopy(encoder).requires_grad_(False)
     return method, target_encoder
