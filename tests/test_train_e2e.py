@@ -1,5 +1,6 @@
 """train.py end to end on real Imagenette images: loss falls, exact resume across processes, checkpoints."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -84,3 +85,17 @@ def test_mismatched_or_corrupt_checkpoint_fails_loudly(imagenette_small, tmp_pat
     (tmp_path / "checkpoint-00000002" / "target_encoder.safetensors").unlink()
     with pytest.raises(CheckpointError, match=r"is incomplete: missing \['target_encoder.safetensors'\]"):
         run_train(imagenette_small, tmp_path, "trainer.max_steps=4")
+
+
+@pytest.mark.parametrize("backbone", ["transformer", "mamba3", "hybrid"])
+def test_every_predictor_backbone_trains_through_train_py(imagenette_small, tmp_path, backbone, capsys):
+    run_train(imagenette_small, tmp_path, "trainer.max_steps=4", "optim.lr=2e-3", f"predictor.backbone={backbone}",
+              "predictor.pattern=MA", "predictor.depth=2", "predictor.d_state=16", "predictor.headdim=16",
+              "monitor.knn_every=0", "data.batch_size=16")
+    losses = [float(line.split("loss ")[1].split()[0]) for line in capsys.readouterr().out.splitlines()
+              if line.startswith("step ") and "loss" in line]
+    assert len(losses) == 4 and all(math.isfinite(v) for v in losses)
+    assert losses[-1] < losses[0]
+    state = load_file(str(tmp_path / "checkpoint-00000004" / "model.safetensors"))
+    kinds = {"transformer": "attn.qkv", "mamba3": "in_proj", "hybrid": "in_proj"}
+    assert any(kinds[backbone] in name for name in state if name.startswith("predictor.backbone"))
