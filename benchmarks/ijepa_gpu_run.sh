@@ -5,6 +5,7 @@
 set -euo pipefail
 CFG=$1; RUN=$2; shift 2
 BUDGET=${BUDGET:-480}
+mkdir -p "$(dirname "$RUN")"
 export PYTHONUNBUFFERED=1
 python3 train.py --config "$CFG" trainer.max_steps=120 trainer.output_dir="$RUN.probe" trainer.log_every=40 \
   trainer.progress_bar=false monitor.bank_per_class=5 monitor.query_per_class=5 "$@" > "$RUN.probe.log" 2>&1

@@ -25,9 +25,11 @@ reverse cumulative sum along the sequence.
 """
 from __future__ import annotations
 
+import math
 import os
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -47,10 +49,55 @@ def _mm(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _angles(DT, PT, PHI0, scalar_base, pt_base, phi0_base, chunk, t, S: tl.constexpr, HALF: tl.constexpr):
+    """cos, sin (CHUNK, HALF) of the cumulative angles of one chunk, and its Δ (CHUNK,) and π·tanh(θ) (CHUNK, HALF).
+
+    φ_t = φ0[chunk] + Σ_{chunk start <= r <= t} Δ_r π tanh(θ_r); angle columns j >= S are 0 (no rotation).
+    """
+    offs_j = tl.arange(0, HALF)
+    jmask = offs_j < S
+    dt = tl.load(DT + scalar_base + t)
+    pt = tl.load(PT + pt_base + t[:, None] * S + offs_j[None, :], mask=jmask[None, :], other=0.0)
+    phi0 = tl.load(PHI0 + phi0_base + chunk * S + offs_j, mask=jmask, other=0.0)
+    phi = phi0[None, :] + tl.cumsum(dt[:, None] * pt, axis=0)
+    return tl.cos(phi), tl.sin(phi), dt, pt
+
+
+@triton.jit
+def _rotate(v, cos, sin, CHUNK: tl.constexpr, N: tl.constexpr):
+    """Rotate the pairs (2j, 2j+1) of v (CHUNK, N) fp32 by the angles whose cos, sin are (CHUNK, N // 2)."""
+    even, odd = tl.split(tl.reshape(v, (CHUNK, N // 2, 2)))
+    return tl.reshape(tl.join(even * cos - odd * sin, even * sin + odd * cos), (CHUNK, N))
+
+
+@triton.jit
+def _unrotate(dr, r, cos, sin, CHUNK: tl.constexpr, N: tl.constexpr):
+    """Gradient through ``r = rotate(v, φ)``: dr (CHUNK, N) fp32 -> (dv (CHUNK, N), dφ (CHUNK, N // 2))."""
+    d_even, d_odd = tl.split(tl.reshape(dr, (CHUNK, N // 2, 2)))
+    r_even, r_odd = tl.split(tl.reshape(r, (CHUNK, N // 2, 2)))
+    dphi = d_odd * r_even - d_even * r_odd
+    dv = tl.reshape(tl.join(d_even * cos + d_odd * sin, d_odd * cos - d_even * sin), (CHUNK, N))
+    return dv, dphi
+
+
+@triton.jit
+def _load_key(PTR, offs, BIAS, bias_base, offs_n, cos, sin,
+              HAS_BIAS: tl.constexpr, ROTATE: tl.constexpr, CHUNK: tl.constexpr, N: tl.constexpr):
+    """B̄ or C̄ of one chunk (CHUNK, N): the stored per-group vectors plus the per-head bias, rotated; fp32."""
+    v = tl.load(PTR + offs).to(tl.float32)
+    if HAS_BIAS:
+        v += tl.load(BIAS + bias_base + offs_n)[None, :]
+    if ROTATE:
+        v = _rotate(v, cos, sin, CHUNK, N)
+    return v
+
+
+@triton.jit
 def _block_state_kernel(
-    U, V, ALOG, W, STATE, BLOCK_DECAY,
+    U, V, ALOG, W, STATE, BLOCK_DECAY, UBIAS, DT, PT, PHI0,
     L, H: tl.constexpr, G: tl.constexpr, NUM_CHUNKS, CHUNKS_PER_BLOCK, NUM_BLOCKS,
     N: tl.constexpr, P: tl.constexpr, CHUNK: tl.constexpr, REVERSE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BATCH_PER_BIAS, S: tl.constexpr, HAS_BIAS: tl.constexpr, ROTATE: tl.constexpr,
 ):
     """Per (block, batch*head): forward: Σ_s e^{cs_end - cs_s} w_s u_s v_sᵀ; reverse: Σ_t e^{cs_t - cs_start-1} u_t v_tᵀ.
 
@@ -65,9 +112,12 @@ def _block_state_kernel(
     offs_t = tl.arange(0, CHUNK)
     offs_n = tl.arange(0, N)
     offs_p = tl.arange(0, P)
-    u_base = U + batch * L * G * N + group * N
+    u_base = batch * L * G * N + group * N
     v_base = V + batch * L * H * P + head * P
     scalar_base = pid_bh * L
+    bias_base = ((batch // BATCH_PER_BIAS) * H + head) * N
+    pt_base = batch * L * S
+    phi0_base = pid_bh * NUM_CHUNKS * S
     acc = tl.zeros((N, P), dtype=tl.float32)
     total = tl.sum(tl.zeros((CHUNK,), dtype=tl.float32), axis=0)
     first = pid_block * CHUNKS_PER_BLOCK
@@ -77,16 +127,22 @@ def _block_state_kernel(
         a_log = tl.load(ALOG + scalar_base + t)
         cs = tl.cumsum(a_log, axis=0)
         chunk_total = tl.sum(a_log, axis=0)
-        u = tl.load(u_base + t[:, None] * (G * N) + offs_n[None, :])
+        if ROTATE:
+            cos, sin, dt, pt = _angles(DT, PT, PHI0, scalar_base, pt_base, phi0_base, chunk, t, S, N // 2)
+        else:
+            cos = 0.0
+            sin = 0.0
+        u = _load_key(U, u_base + t[:, None] * (G * N) + offs_n[None, :], UBIAS, bias_base, offs_n, cos, sin,
+                      HAS_BIAS, ROTATE, CHUNK, N)
         v = tl.load(v_base + t[:, None] * (H * P) + offs_p[None, :])
         if REVERSE:
             coef = tl.exp(total + cs)
-            acc += _mm(tl.trans((u * coef[:, None]).to(u.dtype)), v, PRECISION, UPCAST)
+            acc += _mm(tl.trans((u * coef[:, None]).to(v.dtype)), v, PRECISION, UPCAST)
         else:
             w = tl.load(W + scalar_base + t)
             coef = tl.exp(chunk_total - cs) * w
             acc = acc * tl.exp(chunk_total) + _mm(
-                tl.trans((u * coef[:, None]).to(u.dtype)), v, PRECISION, UPCAST
+                tl.trans((u * coef[:, None]).to(v.dtype)), v, PRECISION, UPCAST
             )
         total += chunk_total
     out = STATE + (pid_bh * NUM_BLOCKS + pid_block) * (N * P)
@@ -116,9 +172,10 @@ def _block_scan_kernel(STATE, BLOCK_DECAY, NUM_BLOCKS, SIZE: tl.constexpr, TILE:
 
 @triton.jit
 def _chunk_forward_kernel(
-    Cq, Bk, X, ALOG, W, GD, STATE_IN, Y,
+    Cq, Bk, X, ALOG, W, GD, STATE_IN, Y, QBIAS, KBIAS, DT, PT, PHI0,
     L, H: tl.constexpr, G: tl.constexpr, NUM_CHUNKS, CHUNKS_PER_BLOCK, NUM_BLOCKS,
     N: tl.constexpr, P: tl.constexpr, CHUNK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BATCH_PER_BIAS, S: tl.constexpr, HAS_BIAS: tl.constexpr, ROTATE: tl.constexpr,
 ):
     """y for one (block, batch*head): walks the block's chunks from the block's incoming state."""
     pid_block = tl.program_id(0)
@@ -131,6 +188,9 @@ def _chunk_forward_kernel(
     offs_p = tl.arange(0, P)
     qk_base = batch * L * G * N + group * N
     xy_base = batch * L * H * P + head * P
+    bias_base = ((batch // BATCH_PER_BIAS) * H + head) * N
+    pt_base = batch * L * S
+    phi0_base = pid_bh * NUM_CHUNKS * S
     scalar_base = pid_bh * L
     below = offs_t[:, None] > offs_t[None, :]
     diagonal = offs_t[:, None] == offs_t[None, :]
@@ -146,8 +206,15 @@ def _chunk_forward_kernel(
         cs = tl.cumsum(a_log, axis=0)
         chunk_total = tl.sum(a_log, axis=0)
         qk_offs = qk_base + t[:, None] * (G * N) + offs_n[None, :]
-        q = tl.load(Cq + qk_offs)
-        k = tl.load(Bk + qk_offs)
+        if ROTATE:
+            cos, sin, dt, pt = _angles(DT, PT, PHI0, scalar_base, pt_base, phi0_base, chunk, t, S, N // 2)
+        else:
+            cos = 0.0
+            sin = 0.0
+        q_wide = _load_key(Cq, qk_offs, QBIAS, bias_base, offs_n, cos, sin, HAS_BIAS, ROTATE, CHUNK, N)
+        k_wide = _load_key(Bk, qk_offs, KBIAS, bias_base, offs_n, cos, sin, HAS_BIAS, ROTATE, CHUNK, N)
+        q = q_wide.to(X.dtype.element_ty)
+        k = k_wide.to(X.dtype.element_ty)
         x = tl.load(X + xy_base + t[:, None] * (H * P) + offs_p[None, :])
         y = _mm(q, state.to(q.dtype), PRECISION, UPCAST) * tl.exp(cs)[:, None]
         scores = _mm(q, tl.trans(k), PRECISION, UPCAST)
@@ -161,11 +228,13 @@ def _chunk_forward_kernel(
 
 @triton.jit
 def _chunk_dq_kernel(
-    Cq, Bk, X, DY, ALOG, W, GD, STATE_IN, DQ, QDQ,
+    Cq, Bk, X, DY, ALOG, W, GD, STATE_IN, DQ, QDQ, QBIAS, KBIAS, DT, PT, PHI0, DPHI,
     L, H: tl.constexpr, G: tl.constexpr, NUM_CHUNKS, CHUNKS_PER_BLOCK, NUM_BLOCKS,
     N: tl.constexpr, P: tl.constexpr, CHUNK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BATCH_PER_BIAS, S: tl.constexpr, HAS_BIAS: tl.constexpr, ROTATE: tl.constexpr,
 ):
-    """dC̄ per head (B, L, H, N) and ``C̄_t·dC̄_t`` without its diagonal term (B, H, L), walking chunks forward."""
+    """dC per head (B, L, H, N) (unrotated: the gradient of the biased, unrotated C), ``C̄_t·dC̄_t`` without its
+    diagonal term (B, H, L), and with rotation the C side of dφ (B, H, L, S); walking chunks forward."""
     pid_block = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
     batch = pid_bh // H
@@ -176,6 +245,9 @@ def _chunk_dq_kernel(
     offs_p = tl.arange(0, P)
     qk_base = batch * L * G * N + group * N
     xy_base = batch * L * H * P + head * P
+    bias_base = ((batch // BATCH_PER_BIAS) * H + head) * N
+    pt_base = batch * L * S
+    phi0_base = pid_bh * NUM_CHUNKS * S
     dq_base = batch * L * H * N + head * N
     scalar_base = pid_bh * L
     below = offs_t[:, None] > offs_t[None, :]
@@ -192,8 +264,15 @@ def _chunk_dq_kernel(
         cs = tl.cumsum(a_log, axis=0)
         chunk_total = tl.sum(a_log, axis=0)
         qk_offs = qk_base + t[:, None] * (G * N) + offs_n[None, :]
-        q = tl.load(Cq + qk_offs)
-        k = tl.load(Bk + qk_offs)
+        if ROTATE:
+            cos, sin, dt, pt = _angles(DT, PT, PHI0, scalar_base, pt_base, phi0_base, chunk, t, S, N // 2)
+        else:
+            cos = 0.0
+            sin = 0.0
+        q_wide = _load_key(Cq, qk_offs, QBIAS, bias_base, offs_n, cos, sin, HAS_BIAS, ROTATE, CHUNK, N)
+        k_wide = _load_key(Bk, qk_offs, KBIAS, bias_base, offs_n, cos, sin, HAS_BIAS, ROTATE, CHUNK, N)
+        q = q_wide.to(X.dtype.element_ty)
+        k = k_wide.to(X.dtype.element_ty)
         xy_offs = xy_base + t[:, None] * (H * P) + offs_p[None, :]
         x = tl.load(X + xy_offs)
         dy = tl.load(DY + xy_offs)
@@ -205,6 +284,10 @@ def _chunk_dq_kernel(
         q_dq = tl.sum(q.to(tl.float32) * dq, axis=1)
         x_dy = tl.sum(tl.where(diagonal, dy_x, 0.0), axis=1)
         dq += (g * x_dy)[:, None] * k.to(tl.float32)
+        if ROTATE:
+            dq, dphi = _unrotate(dq, q_wide, cos, sin, CHUNK, N)
+            offs_j = tl.arange(0, N // 2)
+            tl.store(DPHI + (scalar_base + t[:, None]) * S + offs_j[None, :], dphi, mask=offs_j[None, :] < S)
         tl.store(DQ + dq_base + t[:, None] * (H * N) + offs_n[None, :], dq.to(DQ.dtype.element_ty))
         tl.store(QDQ + scalar_base + t, q_dq)
         k_to_end = (k * (tl.exp(chunk_total - cs) * w)[:, None]).to(k.dtype)
@@ -213,13 +296,17 @@ def _chunk_dq_kernel(
 
 @triton.jit
 def _chunk_dkdx_kernel(
-    Cq, Bk, X, DY, ALOG, W, GD, DSTATE_OUT, DK, DX, DW, DG,
+    Cq, Bk, X, DY, ALOG, W, GD, DSTATE_OUT, DK, DX, DW, DG, QBIAS, KBIAS, DT, PT, PHI0, DPHI, DDT, DPHI0,
     L, H: tl.constexpr, G: tl.constexpr, NUM_CHUNKS, CHUNKS_PER_BLOCK, NUM_BLOCKS,
     N: tl.constexpr, P: tl.constexpr, CHUNK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BATCH_PER_BIAS, S: tl.constexpr, HAS_BIAS: tl.constexpr, ROTATE: tl.constexpr,
 ):
-    """dB̄ per head (B, L, H, N), dx (B, L, H, P), dw and dg (B, H, L), walking the block's chunks backward.
+    """dB per head (B, L, H, N) (unrotated), dx (B, L, H, P), dw and dg (B, H, L), walking the block's chunks backward.
 
     DSTATE_OUT (B, H, NUM_BLOCKS, N, P): ``Σ_{t > block end} e^{cs_t - cs_end} C̄_t dy_tᵀ``.
+    With rotation, dφ_t = (C side, read from DPHI) + (B side) gives: DPHI0 (B, H, NUM_CHUNKS, S) = Σ_chunk dφ_t (the
+    chunk's start angle), and with E_t = Σ_{t <= r in the chunk} dφ_r: DDT (B, H, L) = Σ_j E_tj π tanh(θ_tj) and
+    DPHI (overwritten) = Δ_t E_t (its sum over heads is the gradient of π tanh(θ)).
     """
     pid_block = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
@@ -231,6 +318,9 @@ def _chunk_dkdx_kernel(
     offs_p = tl.arange(0, P)
     qk_base = batch * L * G * N + group * N
     xy_base = batch * L * H * P + head * P
+    bias_base = ((batch // BATCH_PER_BIAS) * H + head) * N
+    pt_base = batch * L * S
+    phi0_base = pid_bh * NUM_CHUNKS * S
     dk_base = batch * L * H * N + head * N
     scalar_base = pid_bh * L
     above = offs_t[None, :] > offs_t[:, None]  # [s, t]: t > s
@@ -248,8 +338,15 @@ def _chunk_dkdx_kernel(
         cs = tl.cumsum(a_log, axis=0)
         chunk_total = tl.sum(a_log, axis=0)
         qk_offs = qk_base + t[:, None] * (G * N) + offs_n[None, :]
-        q = tl.load(Cq + qk_offs)
-        k = tl.load(Bk + qk_offs)
+        if ROTATE:
+            cos, sin, dt, pt = _angles(DT, PT, PHI0, scalar_base, pt_base, phi0_base, chunk, t, S, N // 2)
+        else:
+            cos = 0.0
+            sin = 0.0
+        q_wide = _load_key(Cq, qk_offs, QBIAS, bias_base, offs_n, cos, sin, HAS_BIAS, ROTATE, CHUNK, N)
+        k_wide = _load_key(Bk, qk_offs, KBIAS, bias_base, offs_n, cos, sin, HAS_BIAS, ROTATE, CHUNK, N)
+        q = q_wide.to(X.dtype.element_ty)
+        k = k_wide.to(X.dtype.element_ty)
         xy_offs = xy_base + t[:, None] * (H * P) + offs_p[None, :]
         x = tl.load(X + xy_offs)
         dy = tl.load(DY + xy_offs)
@@ -266,6 +363,17 @@ def _chunk_dkdx_kernel(
         diag_xdy = tl.sum(tl.where(diagonal, x_dy, 0.0), axis=1)
         dw = tl.sum(dk_raw * k.to(tl.float32), axis=1)
         dk = dk_raw * w[:, None] + (g * diag_xdy)[:, None] * q.to(tl.float32)
+        if ROTATE:
+            dk, dphi = _unrotate(dk, k_wide, cos, sin, CHUNK, N)
+            offs_j = tl.arange(0, N // 2)
+            jmask = offs_j[None, :] < S
+            dphi_offs = (scalar_base + t[:, None]) * S + offs_j[None, :]
+            dphi = tl.where(jmask, dphi + tl.load(DPHI + dphi_offs, mask=jmask, other=0.0), 0.0)
+            chunk_dphi = tl.sum(dphi, axis=0)
+            suffix = chunk_dphi[None, :] - tl.cumsum(dphi, axis=0) + dphi
+            tl.store(DPHI0 + phi0_base + chunk * S + offs_j, chunk_dphi, mask=offs_j < S)
+            tl.store(DDT + scalar_base + t, tl.sum(suffix * pt, axis=1))
+            tl.store(DPHI + dphi_offs, suffix * dt[:, None], mask=jmask)
         tl.store(DK + dk_base + t[:, None] * (H * N) + offs_n[None, :], dk.to(DK.dtype.element_ty))
         tl.store(DX + xy_offs, dx.to(DX.dtype.element_ty))
         tl.store(DW + scalar_base + t, dw)
@@ -282,60 +390,92 @@ def _num_blocks(num_chunks: int, batch_heads: int, target_programs: int) -> tupl
 
 
 class _Mamba3ScanCore(torch.autograd.Function):
-    """y = quadratic form of (C̄, B̄, x, log-decay, w, g); see the module docstring. Inputs as in ``_launch``."""
+    """y = quadratic form of (C̄, B̄, x, log-decay, w, g) with C̄, B̄ built in-kernel; inputs as in ``mamba3_scan``.
+
+    q, k (B, L, G, N) in x's dtype (unbiased, unrotated); a_log, w, g, dt (B, H, L) fp32; pt = π tanh(θ) (B, L, S)
+    fp32 and phi0 (B, H, L / CHUNK, S) fp32 (each chunk's starting angle) or None (no rotation); q_bias, k_bias
+    (NB, H, N) fp32 or None (batch row b uses bias row b // (B / NB)).
+    """
 
     @staticmethod
-    def forward(ctx, q, k, x, a_log, w, g, chunk_size, target_programs, num_warps, bwd_num_warps):
+    def forward(ctx, q, k, x, a_log, w, g, dt, pt, phi0, q_bias, k_bias, chunk_size, target_programs, num_warps,
+                bwd_num_warps):
         batch, length, heads, headdim = x.shape
         groups, state_dim = q.shape[2], q.shape[3]
         num_chunks = length // chunk_size
         per_block, num_blocks = _num_blocks(num_chunks, batch * heads, target_programs)
         precision = "ieee" if x.dtype == torch.float32 else "tf32"
+        rotate, has_bias = pt is not None, q_bias is not None
         dims = dict(L=length, H=heads, G=groups, NUM_CHUNKS=num_chunks, CHUNKS_PER_BLOCK=per_block,
                     NUM_BLOCKS=num_blocks, N=state_dim, P=headdim, CHUNK=chunk_size, PRECISION=precision,
-                    UPCAST=_INTERPRETED)
+                    UPCAST=_INTERPRETED, BATCH_PER_BIAS=batch // q_bias.shape[0] if has_bias else 1,
+                    S=pt.shape[2] if rotate else 1, HAS_BIAS=has_bias, ROTATE=rotate)
+        dummy = a_log
+        rot_args = (dt, pt, phi0) if rotate else (dummy, dummy, dummy)
+        qb, kb = (q_bias, k_bias) if has_bias else (dummy, dummy)
         grid = (num_blocks, batch * heads)
         state_in = torch.empty(batch, heads, num_blocks, state_dim, headdim, device=x.device, dtype=torch.float32)
         if num_blocks > 1:
             block_decay = torch.empty(batch, heads, num_blocks, device=x.device, dtype=torch.float32)
-            _block_state_kernel[grid](k, x, a_log, w, state_in, block_decay, REVERSE=False, num_warps=num_warps, **dims)
+            _block_state_kernel[grid](k, x, a_log, w, state_in, block_decay, kb, *rot_args, REVERSE=False,
+                                      num_warps=num_warps, **dims)
             _scan_blocks(state_in, block_decay, reverse=False)
         else:
             state_in.zero_()
         y = torch.empty_like(x)
-        _chunk_forward_kernel[grid](q, k, x, a_log, w, g, state_in, y, num_warps=num_warps, **dims)
-        ctx.save_for_backward(q, k, x, a_log, w, g, state_in)
+        _chunk_forward_kernel[grid](q, k, x, a_log, w, g, state_in, y, qb, kb, *rot_args, num_warps=num_warps, **dims)
+        ctx.save_for_backward(q, k, x, a_log, w, g, state_in, *rot_args, qb, kb)
         ctx.launch = (grid, dims, bwd_num_warps)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        q, k, x, a_log, w, g, state_in = ctx.saved_tensors
+        q, k, x, a_log, w, g, state_in, dt, pt, phi0, qb, kb = ctx.saved_tensors
         grid, dims, bwd_warps = ctx.launch
+        rotate, has_bias = dims["ROTATE"], dims["HAS_BIAS"]
         dy = dy.contiguous().to(x.dtype)
         batch, length, heads, headdim = x.shape
         groups, state_dim, num_blocks = q.shape[2], q.shape[3], dims["NUM_BLOCKS"]
         dstate_out = torch.empty_like(state_in)
         if num_blocks > 1:
             block_decay = torch.empty(batch, heads, num_blocks, device=x.device, dtype=torch.float32)
-            _block_state_kernel[grid](q, dy, a_log, w, dstate_out, block_decay, REVERSE=True, num_warps=bwd_warps,
-                                      **dims)
+            _block_state_kernel[grid](q, dy, a_log, w, dstate_out, block_decay, qb, dt, pt, phi0, REVERSE=True,
+                                      num_warps=bwd_warps, **dims)
             _scan_blocks(dstate_out, block_decay, reverse=True)
         else:
             dstate_out.zero_()
-        grad_dtype = q.dtype if groups == heads else torch.float32
-        dq = torch.empty(batch, length, heads, state_dim, device=x.device, dtype=grad_dtype)
+        # per-head gradients of the per-group B and C: x's dtype (bf16 on the GPU: half the bytes of fp32), unless
+        # there is nothing to sum (one head per group, no bias) and q's dtype is kept
+        dq = torch.empty(batch, length, heads, state_dim, device=x.device, dtype=x.dtype)
         dk = torch.empty_like(dq)
         dx = torch.empty_like(x)
         q_dq, dw, dg = (torch.empty_like(a_log) for _ in range(3))
-        _chunk_dq_kernel[grid](q, k, x, dy, a_log, w, g, state_in, dq, q_dq, num_warps=bwd_warps, **dims)
-        _chunk_dkdx_kernel[grid](q, k, x, dy, a_log, w, g, dstate_out, dk, dx, dw, dg, num_warps=bwd_warps, **dims)
+        if rotate:
+            num_angles = dims["S"]
+            dphi = torch.empty(batch, heads, length, num_angles, device=x.device, dtype=torch.float32)
+            ddt = torch.empty_like(a_log)
+            dphi0 = torch.empty_like(phi0)
+        else:
+            dphi = ddt = dphi0 = a_log  # unused
+        _chunk_dq_kernel[grid](q, k, x, dy, a_log, w, g, state_in, dq, q_dq, qb, kb, dt, pt, phi0, dphi,
+                               num_warps=bwd_warps, **dims)
+        _chunk_dkdx_kernel[grid](q, k, x, dy, a_log, w, g, dstate_out, dk, dx, dw, dg, qb, kb, dt, pt, phi0, dphi,
+                                 ddt, dphi0, num_warps=bwd_warps, **dims)
         d_cs = q_dq - w * dw
         d_alog = torch.flip(torch.cumsum(torch.flip(d_cs, (-1,)), -1), (-1,))
+        d_qbias = d_kbias = None
+        if has_bias:
+            per_bias = (qb.shape[0], batch // qb.shape[0], length, heads, state_dim)
+            d_qbias = dq.view(per_bias).sum((1, 2), dtype=torch.float32)
+            d_kbias = dk.view(per_bias).sum((1, 2), dtype=torch.float32)
         if groups != heads:
-            dq = dq.unflatten(2, (groups, heads // groups)).sum(3).to(q.dtype)
-            dk = dk.unflatten(2, (groups, heads // groups)).sum(3).to(k.dtype)
-        return dq, dk, dx, d_alog, dw, dg, None, None, None, None
+            dq = dq.unflatten(2, (groups, heads // groups)).sum(3, dtype=torch.float32)
+            dk = dk.unflatten(2, (groups, heads // groups)).sum(3, dtype=torch.float32)
+        d_pt = dphi.sum(1) if rotate else None
+        if not rotate:
+            ddt = dphi0 = None
+        return (dq.to(q.dtype), dk.to(k.dtype), dx, d_alog, dw, dg, ddt, d_pt, dphi0, d_qbias, d_kbias,
+                None, None, None, None)
 
 
 def _scan_blocks(state: torch.Tensor, block_decay: torch.Tensor, reverse: bool) -> None:
@@ -363,27 +503,55 @@ def _check_shapes(x, dt, Bm, Cm, chunk_size):
 
 
 def mamba3_scan(x, dt, A, lam, Bm, Cm, D=None, chunk_size: int = 32, target_programs: int = 1024, num_warps: int = 4,
-                bwd_num_warps: int = 8):
+                bwd_num_warps: int = 8, *, B_bias=None, C_bias=None, theta=None):
     """Mamba-3 SISO scan on CUDA (or under TRITON_INTERPRET=1 on CPU). Shapes in the module docstring.
 
+    Without ``B_bias``, ``C_bias`` and ``theta``, Bm and Cm are B̄ and C̄ as they are. With them (fused path) Bm and Cm
+    are per group and unrotated, and the kernels form ``B̄ = R(φ) (Bm + B_bias)`` per head on the fly:
+    B_bias, C_bias (H, N) or (NB, H, N) (batch row b uses row b // (B / NB); both or neither), theta (B, L, S) with
+    ``2 S <= N`` rotates pairs (2j, 2j+1) by ``φ_t = Σ_{r<=t} Δ_r π tanh(θ_r)`` (``cumulative_angles``).
     ``num_warps`` / ``bwd_num_warps``: warps per program of the forward / backward kernels.
     ``target_programs`` sets how many (block, batch*head) programs to aim for (the sequence is cut into that many
     blocks when batch*heads is small). Returns y (B, L, H, P) in x's dtype.
     """
     _check_shapes(x, dt, Bm, Cm, chunk_size)
-    length = x.shape[1]
-    g, w = trapezoid_weights(dt.float(), lam.float())
-    a_log = dt.float() * A.float()
+    batch, length, heads, _ = x.shape
+    if (B_bias is None) != (C_bias is None):
+        raise ValueError("mamba3_scan: pass both B_bias and C_bias or neither")
+    if B_bias is not None:
+        if B_bias.dim() == 2:
+            B_bias, C_bias = B_bias[None], C_bias[None]
+        expected = (heads, Bm.shape[3])
+        if B_bias.shape != C_bias.shape or B_bias.shape[1:] != expected or batch % B_bias.shape[0]:
+            raise ValueError(f"mamba3_scan: B_bias {tuple(B_bias.shape)} / C_bias {tuple(C_bias.shape)} must be "
+                             f"(H, N) = {expected} or (NB, H, N) with NB dividing the batch {batch}")
+        B_bias, C_bias = B_bias.float().contiguous(), C_bias.float().contiguous()
+    if theta is not None and (theta.shape[:2] != (batch, length) or 2 * theta.shape[2] > Bm.shape[3]):
+        raise ValueError(f"mamba3_scan: theta {tuple(theta.shape)} must be (B, L, S) = ({batch}, {length}, S) with "
+                         f"2 S <= d_state {Bm.shape[3]}")
+    dt = dt.float()
+    g, w = trapezoid_weights(dt, lam.float())
+    a_log = dt * A.float()
     Cq, Bk = Cm.to(x.dtype), Bm.to(x.dtype)
     pad = (-length) % chunk_size
     xs = x
+    pt = None if theta is None else math.pi * torch.tanh(theta.float())
     if pad:
         pad_tokens = (0, 0, 0, 0, 0, pad)
-        xs, Cq, Bk = (torch.nn.functional.pad(v, pad_tokens) for v in (x, Cq, Bk))
-        a_log, w, g = (torch.nn.functional.pad(v, (0, 0, 0, pad)) for v in (a_log, w, g))
-    scalars = [v.transpose(1, 2).contiguous() for v in (a_log, w, g)]  # (B, H, L)
-    y = _Mamba3ScanCore.apply(Cq.contiguous(), Bk.contiguous(), xs.contiguous(), *scalars, chunk_size,
-                              target_programs, num_warps, bwd_num_warps)
+        xs, Cq, Bk = (F.pad(v, pad_tokens) for v in (x, Cq, Bk))
+        a_log, w, g, dt = (F.pad(v, (0, 0, 0, pad)) for v in (a_log, w, g, dt))
+        pt = None if pt is None else F.pad(pt, (0, 0, 0, pad))
+    scalars = [v.transpose(1, 2).contiguous() for v in (a_log, w, g, dt)]  # (B, H, L)
+    phi0 = None
+    if pt is not None:
+        pt = pt.contiguous()
+        num_chunks = (length + pad) // chunk_size
+        with torch.autocast(x.device.type, enabled=False):  # angles stay fp32 (bf16 would lose whole turns)
+            chunk_turn = torch.einsum("bhcq,bcqs->bhcs", scalars[3].unflatten(2, (num_chunks, chunk_size)),
+                                      pt.unflatten(1, (num_chunks, chunk_size)))
+            phi0 = (torch.cumsum(chunk_turn, dim=2) - chunk_turn).contiguous()  # angle before each chunk
+    y = _Mamba3ScanCore.apply(Cq.contiguous(), Bk.contiguous(), xs.contiguous(), *scalars, pt, phi0, C_bias, B_bias,
+                              chunk_size, target_programs, num_warps, bwd_num_warps)
     y = y[:, :length]
     if D is not None:
         y = y + (D[:, None] * x).to(y.dtype)

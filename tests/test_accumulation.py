@@ -41,15 +41,16 @@ def split(batch, parts):
 
 def train(batches, accum, tmp_path):
     cfg = tiny_config(f"trainer.grad_accum_steps={accum}", "trainer.max_steps=3", "optim.grad_clip=1.0",
-                      output_dir=tmp_path)
+                      "trainer.mixed_precision=no", output_dir=tmp_path)
     torch.manual_seed(0)
     method, target = build_method(cfg)
     loader = FixedBatches(batches)
     trainer = Trainer(cfg, method, target, loader, loader, accelerator=make_accelerator(cfg))
-    it = iter(batches)
+    it = iter([{k: v.to(trainer.device) for k, v in batch.items()} for batch in batches])
     for _ in range(cfg.trainer.max_steps):
         trainer._train_step(it, {})
-    return trainer.method.state_dict(), trainer.target_encoder.state_dict()
+    return ({k: v.cpu() for k, v in trainer.method.state_dict().items()},
+            {k: v.cpu() for k, v in trainer.target_encoder.state_dict().items()})
 
 
 def test_accumulation_equals_big_batch(tmp_path):

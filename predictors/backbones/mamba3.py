@@ -88,6 +88,7 @@ class Mamba3Mixer(nn.Module):
         dt_min: float = 0.001,
         dt_max: float = 0.1,
         a_floor: float = 1e-4,
+        a_init: float | None = None,
     ):
         super().__init__()
         inner = int(expand * dim)
@@ -112,6 +113,10 @@ class Mamba3Mixer(nn.Module):
         self.in_proj = nn.Linear(dim, 2 * inner + directions * sum(self.direction_sizes), bias=False)
         dt = torch.exp(torch.rand(directions, heads) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
         self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # softplus(dt_bias) = dt
+        if a_init is not None:  # a learnable per-head offset inside A's softplus: |A| starts near a_init
+            if a_init <= 0:
+                raise ValueError(f"mamba3 a_init {a_init} must be > 0 (the starting |A|) or None")
+            self.A_bias = nn.Parameter(torch.full((directions, heads), math.log(math.expm1(a_init))))
         self.B_bias = nn.Parameter(torch.ones(directions, heads, mimo_rank, d_state))
         self.C_bias = nn.Parameter(torch.ones(directions, heads, mimo_rank, d_state))
         self.B_norm = nn.RMSNorm(d_state, eps=1e-5)
@@ -129,7 +134,8 @@ class Mamba3Mixer(nn.Module):
         dt = F.softplus(dt_in.float() + self.dt_bias[direction])
         if padding is not None:
             dt = dt.masked_fill(padding[..., None], 0.0)
-        A = -F.softplus(A_in.float()).clamp(min=self.a_floor)
+        A_in = A_in.float() + (self.A_bias[direction] if hasattr(self, "A_bias") else 0.0)
+        A = -F.softplus(A_in).clamp(min=self.a_floor)
         lam = torch.sigmoid(lam_in.float())
         shape = (batch, length, self.groups, self.rank, self.d_state)
         angle = cumulative_angles(dt, theta)[:, :, :, None, :] if self.use_rotation else None  # (B, L, H, 1, S)
@@ -249,7 +255,7 @@ class Mamba3Backbone(SortedBackbone):
 
 
 MIXER_KWARGS = ("d_state", "expand", "headdim", "ngroups", "mimo_rank", "use_rotation", "bidirectional", "chunk_size",
-                "dt_min", "dt_max", "a_floor")
+                "dt_min", "dt_max", "a_floor", "a_init")
 
 
 def mixer_kwargs(kwargs: dict) -> dict:
