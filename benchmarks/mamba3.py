@@ -4,9 +4,9 @@ Triton op vs SDPA flash attention, and whole backbone layers at matched paramete
     python benchmarks/mamba3.py [--official .whl/mamba_official] [--quick]
 
 Op setting: 64K tokens per step (batch = 65536 / L), 24 heads × headdim 64, d_state 128, bf16, one group of B/C.
-"ours" = per-head bias + rotation in PyTorch + our chunk-parallel Triton scan (the same function as the official op:
-per-head B/C bias, data-dependent rotation on half the state, trapezoid, D skip); "ours scan" = the scan alone on
-pre-rotated B̄, C̄. The official op is imported from an extracted ``mamba-ssm`` sdist (never copied into the repo):
+"ours" = our fused chunk-parallel Triton op (the same function as the official op: per-group B/C, per-head bias,
+data-dependent rotation on half the state with the angle cumsum done in-kernel, trapezoid, D skip); "ours scan" = the
+scan alone on pre-rotated per-head B̄, C̄. The official op is imported from an extracted ``mamba-ssm`` sdist (never copied into the repo):
 ``pip download --no-deps --no-binary :all: mamba-ssm==2.3.2.post1`` and put ``mamba_ssm/ops/triton/mamba3/*.py``
 under ``<official>/mamba_ssm/ops/triton/mamba3/`` (with empty ``__init__.py`` files on the way).
 Roofline: floor = max(flops / peak matmul rate, bytes / copy bandwidth), both measured here; fraction = floor / time.
@@ -24,8 +24,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kernels.mamba3_scan import mamba3_scan  # noqa: E402
-from kernels.mamba3_scan_ref import cumulative_angles, rotate_pairs, scan_chunked_ref  # noqa: E402
-from predictors.backbones.mamba3 import bias_and_rotate_fast  # noqa: E402
+from kernels.mamba3_scan_ref import cumulative_angles, rotate_pairs, scan_fused_ref  # noqa: E402
 
 HEADS, HEADDIM, STATE, ANGLES = 24, 64, 128, 32
 TOKENS = 65536
@@ -78,14 +77,10 @@ def op_inputs(batch, length, device="cuda", seed=0):
 
 
 def ours(inp, scan_fn=mamba3_scan, **scan_kwargs):
-    """Our op on the official op's inputs: bias + rotation (PyTorch) then the scan. -> (B, L, H, P)."""
-    angle = cumulative_angles(inp["dt"], inp["theta"])
+    """Our fused op on the official op's inputs: per-group B, C; per-head bias, angle cumsum and rotation in-kernel."""
     wide = torch.promote_types(inp["x"].dtype, torch.float32)
-    dtype = inp["x"].dtype
-    Bm = bias_and_rotate_fast(inp["B"].to(wide), inp["B_bias"], angle, dtype)
-    Cm = bias_and_rotate_fast(inp["C"].to(wide), inp["C_bias"], angle, dtype)
-    return scan_fn(inp["x"], inp["dt"], inp["A"], torch.sigmoid(inp["trap"].to(wide)), Bm, Cm,
-                   inp["D"], **scan_kwargs)
+    return scan_fn(inp["x"], inp["dt"], inp["A"], torch.sigmoid(inp["trap"].to(wide)), inp["B"], inp["C"], inp["D"],
+                   B_bias=inp["B_bias"], C_bias=inp["C_bias"], theta=inp["theta"], **scan_kwargs)
 
 
 def official(inp, combined):
@@ -114,7 +109,7 @@ def check_correctness(combined):
         base = {k: (v.to(dtype) if v.dtype == torch.bfloat16 else v) for k, v in base.items()}
         dy = torch.randn(2, 1000, HEADS, HEADDIM, device="cuda")
         results = []
-        for fn, cast in ((lambda i: ours(i, scan_chunked_ref, chunk_size=64), torch.float64), (ours, None)):
+        for fn, cast in ((lambda i: ours(i, scan_fused_ref, chunk_size=64), torch.float64), (ours, None)):
             inp = with_grad({k: (v.to(cast) if cast else v) for k, v in base.items()}, names)
             y = fn(inp)
             (y.double() * dy.double()).sum().backward()
@@ -132,6 +127,32 @@ def check_correctness(combined):
             outs.append([y, i["x"].grad, i["B"].grad, i["C"].grad, i["dt"].grad, i["theta"].grad])
         print("ours vs official (bf16): " + " ".join(
             f"{n}={rel(a, b):.1e}" for n, a, b in zip(["y", "dx", "dB", "dC", "ddt", "dtheta"], *outs)))
+
+
+def check_layer():
+    """The bidirectional Mamba-3 block on CUDA (fused Triton op, fp32) vs the same block on the CPU (PyTorch reference
+    path): output and every parameter gradient, with padding."""
+    import copy
+
+    from predictors.backbones.mamba3 import Mamba3Block
+
+    torch.manual_seed(3)
+    cpu_block = Mamba3Block(256, mlp_ratio=2.0, chunk_size=32).double().float()
+    for p in cpu_block.parameters():  # move the biases off their init so that their gradients are not all alike
+        p.data += 0.05 * torch.randn_like(p)
+    gpu_block = copy.deepcopy(cpu_block).cuda()
+    x = torch.randn(2, 300, 256)
+    padding = torch.zeros(2, 300, dtype=torch.bool)
+    padding[1, 250:] = True
+    outs = []
+    for block, device in ((cpu_block, "cpu"), (gpu_block, "cuda")):
+        y = block(x.to(device), padding.to(device))
+        (y * torch.linspace(-1, 1, 256, device=device)).sum().backward()
+        outs.append([y.detach().cpu()] + [p.grad.cpu() for p in block.parameters()])
+    names = ["y"] + [n for n, _ in cpu_block.named_parameters()]
+    errors = {n: rel(b, a) for n, a, b in zip(names, *outs)}
+    worst = max(errors, key=errors.get)
+    print(f"layer fused (CUDA fp32) vs reference (CPU): y={errors['y']:.1e}, worst grad {worst}={errors[worst]:.1e}")
 
 
 def op_cost(length, batch, chunk=32):
@@ -202,7 +223,25 @@ def run_scan(pre, dy, **kwargs):
     mamba3_scan(args["x"], args["dt"], args["A"], args["lam"], args["Bm"], args["Cm"], args["D"], **kwargs).backward(dy)
 
 
-def time_layers(lengths):
+def profile_layer(layer, x, label, rows=22):
+    """torch.profiler table (CUDA time) of one fwd+bwd step of ``layer`` under bf16 autocast."""
+    from torch.profiler import ProfilerActivity, profile
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = layer(x)
+        out.float().sum().backward()
+
+    step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    print(f"\n## profile: {label}")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=60))
+
+
+def time_layers(lengths, profile_at=8192):
     """Bidirectional Mamba-3 block vs attention block (timm ViT block), dim 768, matched parameters."""
     from predictors.backbones.mamba3 import Mamba3Block
     from predictors.backbones.transformer import TransformerBackbone
@@ -238,6 +277,8 @@ def time_layers(lengths):
         (a_ms, a_tok, a_mem), (m_ms, m_tok, m_mem) = results
         print(f"{length:>6} {batch:>5} {a_ms:8.2f} {a_tok:11.2f} {a_mem:8.2f} {m_ms:9.2f} {m_tok:9.2f} {m_mem:6.2f}",
               flush=True)
+        if length == profile_at:
+            profile_layer(mamba, x, f"mamba3 block, L={length}, batch {batch}")
         del x
         torch.cuda.empty_cache()
 
@@ -277,6 +318,7 @@ def main():
     print(f"measured peaks: bf16 matmul {peaks[0] / 1e12:.0f} TFLOP/s, copy {peaks[1] / 1e12:.2f} TB/s")
     if "check" not in skip:
         check_correctness(combined)
+        check_layer()
     lengths = [1024, 65536] if args.quick else [1024, 4096, 16384, 65536]
     if "ops" not in skip:
         time_ops(lengths, combined, peaks, sweep="sweep" not in skip and not args.quick)

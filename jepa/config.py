@@ -105,7 +105,7 @@ class TrainerConfig:
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
     log_every: int = 20
-    mixed_precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | no
+    mixed_precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
     compile: bool = False  # regional torch.compile of encoder/predictor blocks
     progress_bar: bool = True
 
@@ -140,7 +140,7 @@ CHOICES = {
     "masks.equalize": ("pad", "truncate"),
     "data.on_corrupt": ("skip", "raise"),
     "loss.kind": ("smooth_l1", "l1", "l2"),
-    "trainer.mixed_precision": ("auto", "bf16", "no"),
+    "trainer.mixed_precision": ("auto", "bf16", "fp32"),
     "predictor.backbone": ("transformer", "mamba3", "hybrid"),
 }
 

@@ -75,9 +75,10 @@ def compile_blocks(module: nn.Module) -> None:
 
 
 def _mixed_precision(cfg: Config) -> str:
+    """accelerate's name for the configured precision: 'bf16' or 'no' (fp32)."""
     if cfg.trainer.mixed_precision == "auto":
         return "bf16" if torch.cuda.is_available() else "no"
-    return cfg.trainer.mixed_precision
+    return {"bf16": "bf16", "fp32": "no"}[cfg.trainer.mixed_precision]
 
 
 def make_accelerator(cfg: Config):

@@ -153,3 +153,31 @@ def scan_chunked_ref(x, dt, A, lam, Bm, Cm, D=None, chunk_size: int = 64):
     if D is not None:
         y = y + D[:, None, None] * x[:, :length]
     return y.squeeze(3) if siso else y
+
+
+def bias_and_rotate_groups(v: torch.Tensor, bias: torch.Tensor | None, angle: torch.Tensor | None) -> torch.Tensor:
+    """v (B, L, G, N) per group -> per head (B, L, H, N): ``R(angle) (v + bias)``, in float32 or wider.
+
+    bias (H, N) or (NB, H, N) (batch row b uses row b // (B / NB)) or None; angle (B, L, H, S) or None.
+    """
+    dtype = torch.promote_types(v.dtype, torch.float32)
+    if bias is None:
+        heads = v.shape[2] if angle is None else angle.shape[2]
+        return rotate_pairs(expand_groups(v.to(dtype), heads), angle) if angle is not None else v.to(dtype)
+    if bias.dim() == 2:
+        bias = bias[None]
+    per_head = expand_groups(v.to(dtype), bias.shape[1])
+    per_head = per_head + bias.to(dtype).repeat_interleave(v.shape[0] // bias.shape[0], dim=0)[:, None]
+    return per_head if angle is None else rotate_pairs(per_head, angle)
+
+
+def scan_fused_ref(x, dt, A, lam, Bm, Cm, D=None, B_bias=None, C_bias=None, theta=None, chunk_size: int = 64):
+    """The reference of the fused Triton op (``mamba3_scan`` with biases and θ): per-group Bm, Cm (B, L, G, N) get
+    per-head biases and the cumulative rotation, then the chunked scan. Returns y (B, L, H, P) (in x's dtype, wider
+    intermediate), differentiable in everything."""
+    angle = None if theta is None else cumulative_angles(dt, theta)
+    wide = torch.promote_types(x.dtype, torch.float32)
+    Bh = bias_and_rotate_groups(Bm, B_bias, angle).to(wide)
+    Ch = bias_and_rotate_groups(Cm, C_bias, angle).to(wide)
+    return scan_chunked_ref(x.to(wide), dt.to(wide), A.to(wide), lam.to(wide), Bh, Ch,
+                            None if D is None else D.to(wide), chunk_size=chunk_size)

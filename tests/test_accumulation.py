@@ -41,7 +41,7 @@ def split(batch, parts):
 
 def train(batches, accum, tmp_path):
     cfg = tiny_config(f"trainer.grad_accum_steps={accum}", "trainer.max_steps=3", "optim.grad_clip=1.0",
-                      "trainer.mixed_precision=no", output_dir=tmp_path)
+                      "trainer.mixed_precision=fp32", output_dir=tmp_path)
     torch.manual_seed(0)
     method, target = build_method(cfg)
     loader = FixedBatches(batches)

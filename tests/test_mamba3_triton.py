@@ -21,6 +21,9 @@ def compare(dtype_name: str, seed: int) -> dict:
     from kernels.mamba3_scan import mamba3_scan
     from kernels.mamba3_scan_ref import scan_chunked_ref
 
+    if dtype_name.startswith("fused-"):
+        return compare_fused(dtype_name[len("fused-"):], seed)
+
     torch.set_num_threads(1)
     dtype = getattr(torch, dtype_name)
     gen = torch.Generator().manual_seed(seed)
@@ -51,8 +54,49 @@ def compare(dtype_name: str, seed: int) -> dict:
     return {n: ((t - r).norm() / r.norm()).item() for n, r, t in zip(names, reference, triton_out)}
 
 
+def compare_fused(dtype_name: str, seed: int) -> dict:
+    """The fused op (per-group B/C, per-head biases, rotation by cumulative angles, all in-kernel) vs
+    ``scan_fused_ref`` in float64: output and the gradient of every input (biases and θ included)."""
+    import torch
+
+    from kernels.mamba3_scan import mamba3_scan
+    from kernels.mamba3_scan_ref import scan_fused_ref
+
+    torch.set_num_threads(1)
+    dtype = getattr(torch, dtype_name)
+    gen = torch.Generator().manual_seed(seed)
+    batch, length, heads, groups, headdim, state, angles = 4, 72, 4, 2, 16, 16, 4
+    inputs = dict(
+        x=torch.randn(batch, length, heads, headdim, generator=gen),
+        dt=torch.rand(batch, length, heads, generator=gen) * 0.8,
+        A=-torch.rand(batch, length, heads, generator=gen) - 0.05,
+        lam=torch.rand(batch, length, heads, generator=gen),
+        Bm=torch.randn(batch, length, groups, state, generator=gen) * 0.5,
+        Cm=torch.randn(batch, length, groups, state, generator=gen) * 0.5,
+        D=torch.randn(heads, generator=gen),
+        B_bias=1 + 0.3 * torch.randn(2, heads, state, generator=gen),  # two bias rows: batch rows 0-1 and 2-3
+        C_bias=1 + 0.3 * torch.randn(2, heads, state, generator=gen),
+        theta=torch.randn(batch, length, angles, generator=gen) * 2,
+    )
+    low_precision = {"x", "Bm", "Cm"}
+    out_grad = torch.randn(batch, length, heads, headdim, generator=gen)
+
+    def run(fn, cast, **kwargs):
+        args = {k: (v.to(dtype).to(cast) if k in low_precision else v.to(cast)).requires_grad_()
+                for k, v in inputs.items()}
+        y = fn(**args, **kwargs)
+        (y.to(cast) * out_grad.to(cast)).sum().backward()
+        return [y.detach().double()] + [a.grad.double() for a in args.values()]
+
+    reference = run(scan_fused_ref, torch.float64, chunk_size=16)
+    triton_out = run(mamba3_scan, dtype, chunk_size=16, target_programs=40)  # 5 chunks -> 3 blocks per row
+    names = ["y"] + ["d" + k for k in inputs]
+    return {n: ((t - r).norm() / r.norm()).item() for n, r, t in zip(names, reference, triton_out)}
+
+
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
-@pytest.mark.parametrize("dtype_name,tolerance", [("float32", 1e-5), ("bfloat16", 2.5e-2)])
+@pytest.mark.parametrize("dtype_name,tolerance", [("float32", 1e-5), ("bfloat16", 2.5e-2), ("fused-float32", 1e-5),
+                                                  ("fused-bfloat16", 2.5e-2)])
 def test_triton_matches_reference_interpreted(dtype_name, tolerance):
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     result = subprocess.run([sys.executable, __file__, dtype_name], env=env, capture_output=True, text=True,

@@ -10,13 +10,13 @@ key B and query C (G groups × R ranks × N), Δ, A and λ inputs (H each) and r
 ``Δ = softplus(· + dt_bias)``, ``A = -max(softplus(·), 1e-4)``, ``λ = sigmoid(·)``, B and C go through RMSNorm and get
 per-head biases (init 1), and are rotated by cumulative angles ``φ_t = φ_{t-1} + Δ_t π tanh(θ_t)`` (see
 ``kernels/mamba3_scan_ref.py`` for the recurrence and the pairing convention). ``y = (scan_fwd + scan_bwd + D x) ·
-silu(z)``, then ``out_proj``. The scan is the Triton kernel on CUDA (SISO) and the PyTorch chunked reference elsewhere
-(and for MIMO).
+silu(z)``, then ``out_proj``. On CUDA (SISO) the scan is the fused Triton op (``kernels/mamba3_scan.py``): B and C
+stay per group, and the per-head bias, the angle cumsum and the rotation happen inside the kernels; elsewhere (and
+for MIMO) the PyTorch reference path (``scan_reference``) does the same in plain PyTorch.
 """
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 import torch.nn as nn
@@ -28,41 +28,29 @@ from kernels.mamba3_scan_ref import cumulative_angles, expand_groups, rotate_pai
 from . import register_backbone
 
 _DIRECTIONS = {"forward": 1, "shared": 1, "separate": 2}
+# Tests set this (with TRITON_INTERPRET=1) to run the fused Triton op on CPU tensors.
+USE_TRITON_ON_CPU = False
 
 
 def bias_and_rotate(v: torch.Tensor, bias: torch.Tensor, angle: torch.Tensor | None, dtype: torch.dtype):
-    """v (B, L, H, R, N) + bias (H, R, N), rotated by angle (B, L, H, 1, S) or not (None), cast to ``dtype``."""
+    """v (B, L, H, R, N) + bias (H, R, N) or (B, 1, H, R, N), rotated by angle (B, L, H, 1, S) or not (None), cast to
+    ``dtype``."""
     v = v + bias
     return (v if angle is None else rotate_pairs(v, angle)).to(dtype)
 
 
-_compiled_bias_and_rotate = None
+def scan_reference(x, dt, A, lam, Bn, Cn, B_bias, C_bias, theta, heads: int, chunk_size: int) -> torch.Tensor:
+    """The PyTorch path (CPU, MIMO; the ground truth of the fused kernel): per-head bias + rotation, chunked scan.
 
-
-def bias_and_rotate_fast(v, bias, angle, dtype):
-    """``bias_and_rotate``, fused by torch.compile on CUDA (one pass instead of ~10); eager elsewhere or on failure."""
-    global _compiled_bias_and_rotate
-    if not v.is_cuda or _compiled_bias_and_rotate is False:
-        return bias_and_rotate(v, bias, angle, dtype)
-    if _compiled_bias_and_rotate is None:
-        _compiled_bias_and_rotate = torch.compile(bias_and_rotate, dynamic=True)
-    try:
-        return _compiled_bias_and_rotate(v, bias, angle, dtype)
-    except Exception as error:  # no working compiler on this machine: stay correct, just slower
-        warnings.warn(f"mamba3: torch.compile of the B/C rotation failed ({type(error).__name__}); using eager")
-        _compiled_bias_and_rotate = False
-        return bias_and_rotate(v, bias, angle, dtype)
-
-
-def scan(x, dt, A, lam, Bm, Cm, chunk_size: int) -> torch.Tensor:
-    """Mamba-3 scan without the D skip: Triton on CUDA for SISO, the PyTorch chunked reference otherwise.
-
-    x (B, L, H, P) or (B, L, H, R, P); dt, A, lam (B, L, H); Bm, Cm (B, L, H, N) or (B, L, H, R, N), rotated.
+    x (B, L, H, R, P) or (B, L, H, P); Bn, Cn (B, L, G, R, N) normalised; B_bias, C_bias (B, H, R, N); theta
+    (B, L, S) or None.
     """
-    if x.is_cuda and x.dim() == 4:
-        from kernels.mamba3_scan import mamba3_scan  # imports triton; only needed on CUDA
-
-        return mamba3_scan(x, dt, A, lam, Bm, Cm, None, chunk_size=chunk_size)
+    angle = cumulative_angles(dt, theta)[:, :, :, None, :] if theta is not None else None  # (B, L, H, 1, S)
+    wide = torch.promote_types(x.dtype, torch.float32)
+    Bm = bias_and_rotate(expand_groups(Bn.to(wide), heads), B_bias[:, None], angle, x.dtype)
+    Cm = bias_and_rotate(expand_groups(Cn.to(wide), heads), C_bias[:, None], angle, x.dtype)
+    if x.dim() == 4:
+        Bm, Cm = Bm.squeeze(3), Cm.squeeze(3)
     return scan_chunked_ref(x, dt, A, lam, Bm, Cm, None, chunk_size=chunk_size)
 
 
@@ -128,7 +116,8 @@ class Mamba3Mixer(nn.Module):
         self.out_proj = nn.Linear(inner, dim, bias=False)
 
     def _direction_inputs(self, proj: torch.Tensor, direction: int, padding: torch.Tensor | None, dtype):
-        """proj (B, L, sizes) -> dt, A, lam (B, L, H) fp32; Bm, Cm (B, L, H, R, N) biased and rotated, in ``dtype``."""
+        """proj (B, L, sizes) -> dt, A, lam (B, L, H) fp32; Bn, Cn (B, L, G, R, N) RMS-normalised, in ``dtype``;
+        theta (B, L, S) rotation inputs or None. Biases and rotation are applied by the scan (fused on CUDA)."""
         batch, length = proj.shape[:2]
         B_in, C_in, dt_in, A_in, lam_in, theta = torch.split(proj, self.direction_sizes, dim=-1)
         dt = F.softplus(dt_in.float() + self.dt_bias[direction])
@@ -138,12 +127,9 @@ class Mamba3Mixer(nn.Module):
         A = -F.softplus(A_in).clamp(min=self.a_floor)
         lam = torch.sigmoid(lam_in.float())
         shape = (batch, length, self.groups, self.rank, self.d_state)
-        angle = cumulative_angles(dt, theta)[:, :, :, None, :] if self.use_rotation else None  # (B, L, H, 1, S)
-        Bm = bias_and_rotate_fast(expand_groups(self.B_norm(B_in.float().view(shape)), self.heads),
-                                  self.B_bias[direction], angle, dtype)
-        Cm = bias_and_rotate_fast(expand_groups(self.C_norm(C_in.float().view(shape)), self.heads),
-                                  self.C_bias[direction], angle, dtype)
-        return dt, A, lam, Bm, Cm
+        Bn = self.B_norm(B_in.float().view(shape)).to(dtype)
+        Cn = self.C_norm(C_in.float().view(shape)).to(dtype)
+        return dt, A, lam, Bn, Cn, (theta if self.use_rotation else None)
 
     def forward(self, u: torch.Tensor, padding: torch.Tensor | None = None) -> torch.Tensor:
         batch, length, _ = u.shape
@@ -162,12 +148,20 @@ class Mamba3Mixer(nn.Module):
             streams.append((flip(backward_proj), flip(x), flip(padding), 1 if self.bidirectional == "separate" else 0))
         inputs = [self._direction_inputs(p, d, pad, x.dtype) for p, _, pad, d in streams]
         xs = torch.cat([s[1] for s in streams], dim=0)  # both directions in one scan call: (ndir*B, L, H, P)
-        dt, A, lam, Bm, Cm = (torch.cat(parts, dim=0) for parts in zip(*inputs))
-        if self.rank > 1:
-            xs = xs[:, :, :, None, :] * self.mimo_x.to(xs.dtype)  # (ndir*B, L, H, R, P)
+        dt, A, lam, Bn, Cn = (torch.cat(parts, dim=0) for parts in list(zip(*inputs))[:5])
+        theta = torch.cat([s[5] for s in inputs], dim=0) if self.use_rotation else None
+        bias_rows = [d for _, _, _, d in streams]
+        B_bias, C_bias = self.B_bias[bias_rows], self.C_bias[bias_rows]  # (ndir, H, R, N)
+        if (xs.is_cuda or USE_TRITON_ON_CPU) and self.rank == 1:  # fused Triton op: per-group B/C, per-head bias + rotation in-kernel
+            from kernels.mamba3_scan import mamba3_scan  # imports triton; only needed on CUDA
+
+            y = mamba3_scan(xs, dt, A, lam, Bn.squeeze(3), Cn.squeeze(3), None, chunk_size=self.chunk_size,
+                            B_bias=B_bias.squeeze(2), C_bias=C_bias.squeeze(2), theta=theta)
         else:
-            Bm, Cm = Bm.squeeze(3), Cm.squeeze(3)
-        y = scan(xs, dt, A, lam, Bm, Cm, self.chunk_size)
+            if self.rank > 1:
+                xs = xs[:, :, :, None, :] * self.mimo_x.to(xs.dtype)  # (ndir*B, L, H, R, P)
+            y = scan_reference(xs, dt, A, lam, Bn, Cn, B_bias.repeat_interleave(batch, 0),
+                               C_bias.repeat_interleave(batch, 0), theta, self.heads, self.chunk_size)
         if self.rank > 1:
             y = (y * self.mimo_out.to(y.dtype)).sum(3)
         y = y[:batch] + (y[batch:].flip(1) if len(streams) == 2 else 0)
