@@ -23,6 +23,8 @@ def compare(dtype_name: str, seed: int) -> dict:
 
     if dtype_name.startswith("fused-"):
         return compare_fused(dtype_name[len("fused-"):], seed)
+    if dtype_name == "layer":
+        return compare_layer(seed)
 
     torch.set_num_threads(1)
     dtype = getattr(torch, dtype_name)
@@ -94,9 +96,44 @@ def compare_fused(dtype_name: str, seed: int) -> dict:
     return {n: ((t - r).norm() / r.norm()).item() for n, r, t in zip(names, reference, triton_out)}
 
 
+def compare_layer(seed: int) -> dict:
+    """A bidirectional Mamba-3 block (2 groups, padding) through the fused Triton op vs the PyTorch reference path,
+    fp32: output and every parameter gradient. Worst error per kind of direction handling."""
+    import copy
+
+    import torch
+
+    import predictors.backbones.mamba3 as mamba3
+
+    torch.set_num_threads(1)
+    torch.manual_seed(seed)
+    errors = {}
+    for bidirectional in ("separate", "shared"):
+        block = mamba3.Mamba3Block(32, mlp_ratio=2.0, d_state=16, headdim=16, chunk_size=16, ngroups=2,
+                                   bidirectional=bidirectional)
+        for p in block.parameters():
+            p.data += 0.05 * torch.randn_like(p)  # biases away from their init
+        fused = copy.deepcopy(block)
+        x = torch.randn(2, 40, 32)
+        padding = torch.zeros(2, 40, dtype=torch.bool)
+        padding[1, 33:] = True
+        outs = []
+        for module, use_triton in ((block, False), (fused, True)):
+            mamba3.USE_TRITON_ON_CPU = use_triton
+            y = module(x, padding)
+            (y * torch.linspace(-1, 1, 32)).sum().backward()
+            outs.append([y.detach()] + [p.grad for p in module.parameters()])
+        mamba3.USE_TRITON_ON_CPU = False
+        names = ["y"] + [n for n, _ in block.named_parameters()]
+        for name, ref, got in zip(names, *outs):
+            if ref.norm() > 0:
+                errors[f"{bidirectional}:{name}"] = ((got - ref).norm() / ref.norm()).item()
+    return errors
+
+
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 @pytest.mark.parametrize("dtype_name,tolerance", [("float32", 1e-5), ("bfloat16", 2.5e-2), ("fused-float32", 1e-5),
-                                                  ("fused-bfloat16", 2.5e-2)])
+                                                  ("fused-bfloat16", 2.5e-2), ("layer", 1e-5)])
 def test_triton_matches_reference_interpreted(dtype_name, tolerance):
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     result = subprocess.run([sys.executable, __file__, dtype_name], env=env, capture_output=True, text=True,
