@@ -7,15 +7,11 @@ overrides. Unknown keys raise ``ConfigError`` naming the closest valid keys; val
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import yaml
 
-from jepa.config import ConfigError, _coerce, _fix_yaml_numbers, _nest, all_keys, parse_override
+from jepa.config import ConfigError, apply_yaml_and_overrides
 
 TASKS = ("linear", "attentive", "knn", "lowshot")
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "eval"
@@ -86,37 +82,6 @@ class EvalConfig:
 CHOICES = {"features.precision": ("auto", "bf16", "fp32"), "attentive.depth": (1, 4)}
 
 
-def _coerce_value(key: str, value: Any, tp: Any) -> Any:
-    if typing.get_origin(tp) is list:
-        (item_tp,) = typing.get_args(tp)
-        items = value if isinstance(value, (list, tuple)) else [value]
-        if not items:
-            raise ConfigError(f"config key '{key}' expects a non-empty list, got {value!r}")
-        return [_coerce(f"{key}[{i}]", v, item_tp) for i, v in enumerate(items)]
-    return _coerce(key, value, tp)
-
-
-def _merge(obj: Any, data: dict, prefix: str = "") -> None:
-    hints = typing.get_type_hints(type(obj))
-    names = {f.name for f in dataclasses.fields(obj)}
-    for name, value in data.items():
-        key = f"{prefix}{name}"
-        if name not in names:
-            while isinstance(value, dict) and len(value) == 1:
-                (child, value), = value.items()
-                key = f"{key}.{child}"
-            close = difflib.get_close_matches(key, all_keys(EvalConfig), n=3, cutoff=0.5)
-            hint = f"; closest valid keys: {', '.join(close)}" if close else ""
-            raise ConfigError(f"unknown eval config key '{key}'{hint}")
-        tp = hints[name]
-        if dataclasses.is_dataclass(tp):
-            if not isinstance(value, dict):
-                raise ConfigError(f"config key '{key}' is a section; expected a mapping, got {value!r}")
-            _merge(getattr(obj, name), value, f"{key}.")
-        else:
-            setattr(obj, name, _coerce_value(key, value, tp))
-
-
 def validate(cfg: EvalConfig) -> None:
     for key, allowed in CHOICES.items():
         section, name = key.split(".")
@@ -147,18 +112,8 @@ def load_eval_config(task: str, path: str | Path | None = None, overrides: list[
     """Defaults <- ``path`` (or ``configs/eval/<task>.yaml`` when present) <- overrides; validated."""
     if task not in TASKS:
         raise ConfigError(f"eval task '{task}' is unknown (expected one of {list(TASKS)})")
-    cfg = EvalConfig()
     path = Path(path) if path is not None else default_config_path(task)
-    if path is not None:
-        if not path.is_file():
-            raise ConfigError(f"eval config file '{path}' does not exist")
-        data = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"eval config file '{path}' must hold a mapping, got {type(data).__name__}")
-        _merge(cfg, _fix_yaml_numbers(data))
-    for item in overrides:
-        key, value = parse_override(item)
-        _merge(cfg, _nest(key, value))
+    cfg = apply_yaml_and_overrides(EvalConfig(), path, overrides)
     validate(cfg)
     return cfg
 

@@ -180,6 +180,12 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             except ConfigError as err:
                 errors.append(str(err))
         raise ConfigError(errors[0] if errors else f"config key '{key}': bad value {value!r}")
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        items = list(value) if isinstance(value, (list, tuple)) else [value]  # a scalar is a one-item list
+        if not items:
+            raise ConfigError(f"config key '{key}' expects a non-empty list, got {value!r}")
+        return [_coerce(f"{key}[{i}]", v, item_tp) for i, v in enumerate(items)]
     if origin is tuple:
         args = typing.get_args(tp)
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
@@ -206,7 +212,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     raise ConfigError(f"config key '{key}': unsupported type {tp}")
 
 
-def _merge(obj: Any, data: dict, prefix: str = "") -> None:
+def _merge(obj: Any, data: dict, prefix: str = "", root: type | None = None) -> None:
+    root = root or type(obj)
     hints = typing.get_type_hints(type(obj))
     names = {f.name for f in dataclasses.fields(obj)}
     for name, value in data.items():
@@ -215,12 +222,12 @@ def _merge(obj: Any, data: dict, prefix: str = "") -> None:
             while isinstance(value, dict) and len(value) == 1:  # name the whole dotted key of an override
                 (child, value), = value.items()
                 key = f"{key}.{child}"
-            raise _unknown_key(key, Config)
+            raise _unknown_key(key, root)
         tp = hints[name]
         if dataclasses.is_dataclass(tp):
             if not isinstance(value, dict):
                 raise ConfigError(f"config key '{key}' is a section; expected a mapping, got {value!r}")
-            _merge(getattr(obj, name), value, f"{key}.")
+            _merge(getattr(obj, name), value, f"{key}.", root)
         else:
             setattr(obj, name, _coerce(key, value, tp))
 
@@ -264,9 +271,9 @@ def _fix_yaml_numbers(data: Any) -> Any:
     return data
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Build a validated ``Config`` from an optional YAML file and ``key=value`` overrides (applied in order)."""
-    cfg = Config()
+def apply_yaml_and_overrides(cfg: Any, path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()):
+    """Merge a YAML file, then ``key=value`` overrides (in order), into the dataclass instance ``cfg``; type-checked,
+    unknown keys named with the closest valid ones. Returns ``cfg`` (not yet value-validated)."""
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -279,6 +286,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     for item in overrides:
         key, value = parse_override(item)
         _merge(cfg, _nest(key, value))
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Build a validated ``Config`` from an optional YAML file and ``key=value`` overrides (applied in order)."""
+    cfg = apply_yaml_and_overrides(Config(), path, overrides)
     validate(cfg)
     return cfg
 

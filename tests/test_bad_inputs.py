@@ -1,8 +1,6 @@
 """Every bad input gets an error that names the bad value (or, for corrupt images, a counted skip)."""
-import shutil
 
 import pytest
-import torch
 
 import train
 from data.collate import MaskCollator
@@ -57,7 +55,7 @@ def test_corrupt_jpeg_raises_when_asked(tiny_data):
 
 def test_corrupt_jpeg_is_skipped_counted_and_logged(tiny_data, caplog):
     cls = sorted((tiny_data / "train").iterdir())[0]
-    bad = write_corrupt(cls)
+    write_corrupt(cls)
     dataset = ImageFolderDataset(tiny_data, "train", eval_transform(32), on_corrupt="skip")
     collate = MaskCollator(MultiBlockMaskSampler((4, 4), min_keep=2), seed=0)
     batch = collate([dataset[(i, 0, 0)] for i in range(len(dataset))])

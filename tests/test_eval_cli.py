@@ -74,7 +74,7 @@ def test_checkpoint_export_and_split_file(imagenette_small, tmp_path, capsys):
 
 
 def test_config_errors():
-    with pytest.raises(ConfigError, match="unknown eval config key 'linear.epoch'; closest valid keys: linear.epochs"):
+    with pytest.raises(ConfigError, match="unknown config key 'linear.epoch'; closest valid keys: linear.epochs"):
         load_eval_config("linear", None, ["linear.epoch=3"])
     with pytest.raises(ConfigError, match=r"'linear.lrs\[1\]' expects a float"):
         load_eval_config("linear", None, ["linear.lrs=[0.1,fast]"])
