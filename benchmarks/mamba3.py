@@ -218,6 +218,32 @@ def time_ops(lengths, combined, peaks, sweep):
     return rows
 
 
+def tune_fused(length=8192, batch=16):
+    """Launch settings of the fused op at the layer's shape (both directions of 64K tokens: batch 16 at L = 8K):
+    times each, prints them, and makes the fastest the default (``LAUNCH_DEFAULTS``) for what follows."""
+    import kernels.mamba3_scan as scan_module
+
+    inp = op_inputs(batch, length, seed=4)
+    dy = torch.randn(batch, length, HEADS, HEADDIM, device="cuda", dtype=torch.bfloat16)
+    grads = ["x", "B", "C", "dt", "theta", "A", "trap"]
+    print(f"\n## fused op launch settings, L={length}, batch {batch} (ms, fwd+bwd)")
+    best = None
+    for programs, warps, bwd_warps in ((1024, 4, 8), (2048, 4, 8), (1024, 8, 8), (1024, 4, 4), (512, 4, 8)):
+        def run():
+            i = with_grad(inp, grads)
+            ours(i, target_programs=programs, num_warps=warps, bwd_num_warps=bwd_warps).backward(dy)
+        try:
+            ms = bench_ms(run)
+        except Exception as error:  # e.g. out of shared memory: reported, not fatal
+            print(f"programs {programs} warps {warps}/{bwd_warps}: failed ({type(error).__name__})")
+            continue
+        print(f"programs {programs:5d} warps fwd {warps} bwd {bwd_warps}: {ms:7.2f}", flush=True)
+        if best is None or ms < best[0]:
+            best = (ms, dict(target_programs=programs, num_warps=warps, bwd_num_warps=bwd_warps))
+    scan_module.LAUNCH_DEFAULTS.update(best[1])
+    print(f"default for the rest of the run: {best[1]}")
+
+
 def run_scan(pre, dy, **kwargs):
     args = {k: (v.detach().requires_grad_() if k in ("x", "Bm", "Cm", "dt", "A", "lam") else v) for k, v in pre.items()}
     mamba3_scan(args["x"], args["dt"], args["A"], args["lam"], args["Bm"], args["Cm"], args["D"], **kwargs).backward(dy)
@@ -308,7 +334,7 @@ def main():
     parser.add_argument("--official", default=".whl/mamba_official")
     parser.add_argument("--full-autotune", action="store_true", help="let the official op autotune all its configs")
     parser.add_argument("--quick", action="store_true", help="fewer lengths, no sweep")
-    parser.add_argument("--skip", default="", help="comma list of: check,ops,sweep,layers")
+    parser.add_argument("--skip", default="", help="comma list of: check,tune,layers,ops,sweep")
     args = parser.parse_args()
     skip = set(args.skip.split(","))
     torch.manual_seed(0)
@@ -319,6 +345,8 @@ def main():
     if "check" not in skip:
         check_correctness(combined)
         check_layer()
+    if "tune" not in skip:
+        tune_fused()
     if "layers" not in skip:  # the layer comparison first: it is the open target
         time_layers([1024, 8192, 65536] if args.quick else [1024, 4096, 8192, 16384, 65536])
     lengths = [1024, 65536] if args.quick else [1024, 4096, 16384, 65536]

@@ -49,44 +49,77 @@ def _mm(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _angles(DT, PT, PHI0, scalar_base, pt_base, phi0_base, chunk, t, S: tl.constexpr, HALF: tl.constexpr):
-    """cos, sin (CHUNK, HALF) of the cumulative angles of one chunk, and its Δ (CHUNK,) and π·tanh(θ) (CHUNK, HALF).
+def _cos_sin(phi, FAST: tl.constexpr):
+    """cos, sin of fp32 angles of any size. FAST (GPU): reduce to [-π, π] and use the hardware approximations
+    (abs. error ~1e-6 there; the reduction's error is that of φ's own fp32 rounding), ~10x cheaper than libdevice."""
+    if FAST:
+        turns = tl.floor(phi * 0.15915494309189535 + 0.5)
+        r = (phi - turns * 6.2831854820251465) + turns * 1.7484555314695172e-07  # 2π = 6.2831854820251465 - 1.75e-7
+        cos = tl.inline_asm_elementwise("cos.approx.f32 $0, $1;", "=f,f", [r], dtype=tl.float32, is_pure=True, pack=1)
+        sin = tl.inline_asm_elementwise("sin.approx.f32 $0, $1;", "=f,f", [r], dtype=tl.float32, is_pure=True, pack=1)
+        return cos, sin
+    else:
+        return tl.cos(phi), tl.sin(phi)
 
-    φ_t = φ0[chunk] + Σ_{chunk start <= r <= t} Δ_r π tanh(θ_r); angle columns j >= S are 0 (no rotation).
+
+@triton.jit
+def _angles(DT, PT, PHI0, scalar_base, pt_base, phi0_base, chunk, t, S: tl.constexpr, CHUNK: tl.constexpr,
+            FAST: tl.constexpr):
+    """One chunk's rotation tables cos, sin (CHUNK, 2 S), its Δ (CHUNK,) and π·tanh(θ) (CHUNK, S).
+
+    φ_t = φ0[chunk] + Σ_{chunk start <= r <= t} Δ_r π tanh(θ_r). The tables are per *pair* of state dimensions in the
+    kernels' order (``_state_order``): pair 2j is rotated by angle j, pair 2j + 1 is not rotated (cos 1, sin 0).
     """
-    offs_j = tl.arange(0, HALF)
-    jmask = offs_j < S
+    offs_j = tl.arange(0, S)
     dt = tl.load(DT + scalar_base + t)
-    pt = tl.load(PT + pt_base + t[:, None] * S + offs_j[None, :], mask=jmask[None, :], other=0.0)
-    phi0 = tl.load(PHI0 + phi0_base + chunk * S + offs_j, mask=jmask, other=0.0)
-    phi = phi0[None, :] + tl.cumsum(dt[:, None] * pt, axis=0)
-    return tl.cos(phi), tl.sin(phi), dt, pt
+    pt = tl.load(PT + pt_base + t[:, None] * S + offs_j[None, :])
+    phi = tl.load(PHI0 + phi0_base + chunk * S + offs_j)[None, :] + tl.cumsum(dt[:, None] * pt, axis=0)
+    cos, sin = _cos_sin(phi, FAST)
+    cos = tl.reshape(tl.join(cos, tl.full((CHUNK, S), 1.0, tl.float32)), (CHUNK, 2 * S))
+    sin = tl.reshape(tl.join(sin, tl.zeros((CHUNK, S), tl.float32)), (CHUNK, 2 * S))
+    return cos, sin, dt, pt
+
+
+@triton.jit
+def _state_order(N: tl.constexpr, S: tl.constexpr, ROTATE: tl.constexpr):
+    """(N,) memory index of each state dimension in the kernels' order. With rotation (S = N / 4), the kernels'
+    pair p holds the stored pair p / 2 (rotated by angle p / 2) for even p and pair S + p // 2 (not rotated) for odd
+    p, so that cos/sin are computed for the S rotated pairs only. Dot products do not depend on the order."""
+    m = tl.arange(0, N)
+    if ROTATE:
+        pair = m // 2
+        stored_pair = tl.where(pair % 2 == 0, pair // 2, S + pair // 2)
+        return 2 * stored_pair + m % 2
+    else:
+        return m
 
 
 @triton.jit
 def _rotate(v, cos, sin, CHUNK: tl.constexpr, N: tl.constexpr):
-    """Rotate the pairs (2j, 2j+1) of v (CHUNK, N) fp32 by the angles whose cos, sin are (CHUNK, N // 2)."""
+    """Rotate the pairs (2p, 2p+1) of v (CHUNK, N) fp32 by the angles whose cos, sin are (CHUNK, N // 2)."""
     even, odd = tl.split(tl.reshape(v, (CHUNK, N // 2, 2)))
     return tl.reshape(tl.join(even * cos - odd * sin, even * sin + odd * cos), (CHUNK, N))
 
 
 @triton.jit
 def _unrotate(dr, r, cos, sin, CHUNK: tl.constexpr, N: tl.constexpr):
-    """Gradient through ``r = rotate(v, φ)``: dr (CHUNK, N) fp32 -> (dv (CHUNK, N), dφ (CHUNK, N // 2))."""
+    """Gradient through ``r = rotate(v, φ)``: dr (CHUNK, N) fp32 -> (dv (CHUNK, N), dφ (CHUNK, N // 4)) (the pairs
+    that rotate: even pairs in the kernels' order)."""
     d_even, d_odd = tl.split(tl.reshape(dr, (CHUNK, N // 2, 2)))
     r_even, r_odd = tl.split(tl.reshape(r, (CHUNK, N // 2, 2)))
-    dphi = d_odd * r_even - d_even * r_odd
+    dphi_pairs = d_odd * r_even - d_even * r_odd
     dv = tl.reshape(tl.join(d_even * cos + d_odd * sin, d_odd * cos - d_even * sin), (CHUNK, N))
+    dphi, _ = tl.split(tl.reshape(dphi_pairs, (CHUNK, N // 4, 2)))
     return dv, dphi
 
 
 @triton.jit
-def _load_key(PTR, offs, BIAS, bias_base, offs_n, cos, sin,
+def _load_key(PTR, offs, BIAS, bias_base, mem_n, cos, sin,
               HAS_BIAS: tl.constexpr, ROTATE: tl.constexpr, CHUNK: tl.constexpr, N: tl.constexpr):
     """B̄ or C̄ of one chunk (CHUNK, N): the stored per-group vectors plus the per-head bias, rotated; fp32."""
     v = tl.load(PTR + offs).to(tl.float32)
     if HAS_BIAS:
-        v += tl.load(BIAS + bias_base + offs_n)[None, :]
+        v += tl.load(BIAS + bias_base + mem_n)[None, :]
     if ROTATE:
         v = _rotate(v, cos, sin, CHUNK, N)
     return v
@@ -97,7 +130,7 @@ def _block_state_kernel(
     U, V, ALOG, W, STATE, BLOCK_DECAY, UBIAS, DT, PT, PHI0,
     L, H: tl.constexpr, G: tl.constexpr, NUM_CHUNKS, CHUNKS_PER_BLOCK, NUM_BLOCKS,
     N: tl.constexpr, P: tl.constexpr, CHUNK: tl.constexpr, REVERSE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    BATCH_PER_BIAS, S: tl.constexpr, HAS_BIAS: tl.constexpr, ROTATE: tl.constexpr,
+    BATCH_PER_BIAS, S: tl.constexpr, HAS_BIAS: tl.constexpr, ROTATE: tl.constexpr, FAST: tl.constexpr,
 ):
     """Per (block, batch*head): forward: Σ_s e^{cs_end - cs_s} w_s u_s v_sᵀ; reverse: Σ_t e^{cs_t - cs_start-1} u_t v_tᵀ.
 
@@ -111,6 +144,7 @@ def _block_state_kernel(
     group = head // (H // G)
     offs_t = tl.arange(0, CHUNK)
     offs_n = tl.arange(0, N)
+    mem_n = _state_order(N, S, ROTATE)
     offs_p = tl.arange(0, P)
     u_base = batch * L * G * N + group * N
     v_base = V + batch * L * H * P + head * P
@@ -128,11 +162,11 @@ def _block_state_kernel(
         cs = tl.cumsum(a_log, axis=0)
         chunk_total = tl.sum(a_log, axis=0)
         if ROTATE:
-            cos, sin, dt, pt = _angles(DT, PT, PHI0, scalar_base, pt_base, phi0_base, chunk, t, S, N // 2)
+            cos, sin, dt, pt = _angles(DT, PT, PHI0, scalar_base, pt_base, phi0_base, chunk, t, S, CHUNK, FAST)
         else:
             cos = 0.0
             sin = 0.0
-        u = _load_key(U, u_base + t[:, None] * (G * N) + offs_n[None, :], UBIAS, bias_base, offs_n, cos, sin,
+        u = _load_key(U, u_base + t[:, None] * (G * N) + mem_n[None, :], UBIAS, bias_base, mem_n, cos, sin,
                       HAS_BIAS, ROTATE, CHUNK, N)
         v = tl.load(v_base + t[:, None] * (H * P) + offs_p[None, :])
         if REVERSE:
@@ -175,7 +209,7 @@ def _chunk_forward_kernel(
     Cq, Bk, X, ALOG, W, GD, STATE_IN, Y, QBIAS, KBIAS, DT, PT, PHI0,
     L, H: tl.constexpr, G: tl.constexpr, NUM_CHUNKS, CHUNKS_PER_BLOCK, NUM_BLOCKS,
     N: tl.constexpr, P: tl.constexpr, CHUNK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    BATCH_PER_BIAS, S: tl.constexpr, HAS_BIAS: tl.constexpr, ROTATE: tl.constexpr,
+    BATCH_PER_BIAS, S: tl.constexpr, HAS_BIAS: tl.constexpr, ROTATE: tl.constexpr, FAST: tl.constexpr,
 ):
     """y for one (block, batch*head): walks the block's chunks from the block's incoming state."""
     pid_block = tl.program_id(0)
@@ -185,6 +219,7 @@ def _chunk_forward_kernel(
     group = head // (H // G)
     offs_t = tl.arange(0, CHUNK)
     offs_n = tl.arange(0, N)
+    mem_n = _state_order(N, S, ROTATE)
     offs_p = tl.arange(0, P)
     qk_base = batch * L * G * N + group * N
     xy_base = batch * L * H * P + head * P
@@ -205,14 +240,14 @@ def _chunk_forward_kernel(
         g = tl.load(GD + scalar_base + t)
         cs = tl.cumsum(a_log, axis=0)
         chunk_total = tl.sum(a_log, axis=0)
-        qk_offs = qk_base + t[:, None] * (G * N) + offs_n[None, :]
+        qk_offs = qk_base + t[:, None] * (G * N) + mem_n[None, :]
         if ROTATE:
-            cos, sin, dt, pt = _angles(DT, PT, PHI0, scalar_base, pt_base, phi0_base, chunk, t, S, N // 2)
+            cos, sin, dt, pt = _angles(DT, PT, PHI0, scalar_base, pt_base, phi0_base, chunk, t, S, CHUNK, FAST)
         else:
             cos = 0.0
             sin = 0.0
-        q_wide = _load_key(Cq, qk_offs, QBIAS, bias_base, offs_n, cos, sin, HAS_BIAS, ROTATE, CHUNK, N)
-        k_wide = _load_key(Bk, qk_offs, KBIAS, bias_base, offs_n, cos, sin, HAS_BIAS, ROTATE, CHUNK, N)
+        q_wide = _load_key(Cq, qk_offs, QBIAS, bias_base, mem_n, cos, sin, HAS_BIAS, ROTATE, CHUNK, N)
+        k_wide = _load_key(Bk, qk_offs, KBIAS, bias_base, mem_n, cos, sin, HAS_BIAS, ROTATE, CHUNK, N)
         q = q_wide.to(X.dtype.element_ty)
         k = k_wide.to(X.dtype.element_ty)
         x = tl.load(X + xy_base + t[:, None] * (H * P) + offs_p[None, :])
@@ -228,10 +263,10 @@ def _chunk_forward_kernel(
 
 @triton.jit
 def _chunk_dq_kernel(
-    Cq, Bk, X, DY, ALOG, W, GD, STATE_IN, DQ, QDQ, QBIAS, KBIAS, DT, PT, PHI0, DPHI,
+    Cq, Bk, X, DY, ALOG, W, GD, STATE_IN, DQ, QDQ, QBIAS, KBIAS, DT, PT, PHI0, DPHI, DQBIAS,
     L, H: tl.constexpr, G: tl.constexpr, NUM_CHUNKS, CHUNKS_PER_BLOCK, NUM_BLOCKS,
     N: tl.constexpr, P: tl.constexpr, CHUNK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    BATCH_PER_BIAS, S: tl.constexpr, HAS_BIAS: tl.constexpr, ROTATE: tl.constexpr,
+    BATCH_PER_BIAS, S: tl.constexpr, HAS_BIAS: tl.constexpr, ROTATE: tl.constexpr, FAST: tl.constexpr,
 ):
     """dC per head (B, L, H, N) (unrotated: the gradient of the biased, unrotated C), ``C̄_t·dC̄_t`` without its
     diagonal term (B, H, L), and with rotation the C side of dφ (B, H, L, S); walking chunks forward."""
@@ -242,6 +277,7 @@ def _chunk_dq_kernel(
     group = head // (H // G)
     offs_t = tl.arange(0, CHUNK)
     offs_n = tl.arange(0, N)
+    mem_n = _state_order(N, S, ROTATE)
     offs_p = tl.arange(0, P)
     qk_base = batch * L * G * N + group * N
     xy_base = batch * L * H * P + head * P
@@ -254,6 +290,7 @@ def _chunk_dq_kernel(
     diagonal = offs_t[:, None] == offs_t[None, :]
     state_ptr = STATE_IN + (pid_bh * NUM_BLOCKS + pid_block) * (N * P) + offs_n[:, None] * P + offs_p[None, :]
     state = tl.load(state_ptr)
+    bias_grad = tl.zeros((N,), dtype=tl.float32)
     first = pid_block * CHUNKS_PER_BLOCK
     last = tl.minimum(first + CHUNKS_PER_BLOCK, NUM_CHUNKS)
     for chunk in range(first, last):
@@ -263,14 +300,14 @@ def _chunk_dq_kernel(
         g = tl.load(GD + scalar_base + t)
         cs = tl.cumsum(a_log, axis=0)
         chunk_total = tl.sum(a_log, axis=0)
-        qk_offs = qk_base + t[:, None] * (G * N) + offs_n[None, :]
+        qk_offs = qk_base + t[:, None] * (G * N) + mem_n[None, :]
         if ROTATE:
-            cos, sin, dt, pt = _angles(DT, PT, PHI0, scalar_base, pt_base, phi0_base, chunk, t, S, N // 2)
+            cos, sin, dt, pt = _angles(DT, PT, PHI0, scalar_base, pt_base, phi0_base, chunk, t, S, CHUNK, FAST)
         else:
             cos = 0.0
             sin = 0.0
-        q_wide = _load_key(Cq, qk_offs, QBIAS, bias_base, offs_n, cos, sin, HAS_BIAS, ROTATE, CHUNK, N)
-        k_wide = _load_key(Bk, qk_offs, KBIAS, bias_base, offs_n, cos, sin, HAS_BIAS, ROTATE, CHUNK, N)
+        q_wide = _load_key(Cq, qk_offs, QBIAS, bias_base, mem_n, cos, sin, HAS_BIAS, ROTATE, CHUNK, N)
+        k_wide = _load_key(Bk, qk_offs, KBIAS, bias_base, mem_n, cos, sin, HAS_BIAS, ROTATE, CHUNK, N)
         q = q_wide.to(X.dtype.element_ty)
         k = k_wide.to(X.dtype.element_ty)
         xy_offs = xy_base + t[:, None] * (H * P) + offs_p[None, :]
@@ -286,20 +323,24 @@ def _chunk_dq_kernel(
         dq += (g * x_dy)[:, None] * k.to(tl.float32)
         if ROTATE:
             dq, dphi = _unrotate(dq, q_wide, cos, sin, CHUNK, N)
-            offs_j = tl.arange(0, N // 2)
-            tl.store(DPHI + (scalar_base + t[:, None]) * S + offs_j[None, :], dphi, mask=offs_j[None, :] < S)
-        tl.store(DQ + dq_base + t[:, None] * (H * N) + offs_n[None, :], dq.to(DQ.dtype.element_ty))
+            offs_j = tl.arange(0, S)
+            tl.store(DPHI + (scalar_base + t[:, None]) * S + offs_j[None, :], dphi)
+        if HAS_BIAS:
+            bias_grad += tl.sum(dq, axis=0)
+        tl.store(DQ + dq_base + t[:, None] * (H * N) + mem_n[None, :], dq.to(DQ.dtype.element_ty))
         tl.store(QDQ + scalar_base + t, q_dq)
         k_to_end = (k * (tl.exp(chunk_total - cs) * w)[:, None]).to(k.dtype)
         state = state * tl.exp(chunk_total) + _mm(tl.trans(k_to_end), x, PRECISION, UPCAST)
+    if HAS_BIAS:  # this program's share of the bias gradient: (B, H, NUM_BLOCKS, N)
+        tl.store(DQBIAS + (pid_bh * NUM_BLOCKS + pid_block) * N + mem_n, bias_grad)
 
 
 @triton.jit
 def _chunk_dkdx_kernel(
-    Cq, Bk, X, DY, ALOG, W, GD, DSTATE_OUT, DK, DX, DW, DG, QBIAS, KBIAS, DT, PT, PHI0, DPHI, DDT, DPHI0,
+    Cq, Bk, X, DY, ALOG, W, GD, DSTATE_OUT, DK, DX, DW, DG, QBIAS, KBIAS, DT, PT, PHI0, DPHI, DDT, DPHI0, DKBIAS,
     L, H: tl.constexpr, G: tl.constexpr, NUM_CHUNKS, CHUNKS_PER_BLOCK, NUM_BLOCKS,
     N: tl.constexpr, P: tl.constexpr, CHUNK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    BATCH_PER_BIAS, S: tl.constexpr, HAS_BIAS: tl.constexpr, ROTATE: tl.constexpr,
+    BATCH_PER_BIAS, S: tl.constexpr, HAS_BIAS: tl.constexpr, ROTATE: tl.constexpr, FAST: tl.constexpr,
 ):
     """dB per head (B, L, H, N) (unrotated), dx (B, L, H, P), dw and dg (B, H, L), walking the block's chunks backward.
 
@@ -315,6 +356,7 @@ def _chunk_dkdx_kernel(
     group = head // (H // G)
     offs_t = tl.arange(0, CHUNK)
     offs_n = tl.arange(0, N)
+    mem_n = _state_order(N, S, ROTATE)
     offs_p = tl.arange(0, P)
     qk_base = batch * L * G * N + group * N
     xy_base = batch * L * H * P + head * P
@@ -327,6 +369,7 @@ def _chunk_dkdx_kernel(
     diagonal = offs_t[:, None] == offs_t[None, :]
     dstate_ptr = DSTATE_OUT + (pid_bh * NUM_BLOCKS + pid_block) * (N * P) + offs_n[:, None] * P + offs_p[None, :]
     dstate = tl.load(dstate_ptr)
+    bias_grad = tl.zeros((N,), dtype=tl.float32)
     first = pid_block * CHUNKS_PER_BLOCK
     last = tl.minimum(first + CHUNKS_PER_BLOCK, NUM_CHUNKS)
     for step in range(0, last - first):
@@ -337,14 +380,14 @@ def _chunk_dkdx_kernel(
         g = tl.load(GD + scalar_base + t)
         cs = tl.cumsum(a_log, axis=0)
         chunk_total = tl.sum(a_log, axis=0)
-        qk_offs = qk_base + t[:, None] * (G * N) + offs_n[None, :]
+        qk_offs = qk_base + t[:, None] * (G * N) + mem_n[None, :]
         if ROTATE:
-            cos, sin, dt, pt = _angles(DT, PT, PHI0, scalar_base, pt_base, phi0_base, chunk, t, S, N // 2)
+            cos, sin, dt, pt = _angles(DT, PT, PHI0, scalar_base, pt_base, phi0_base, chunk, t, S, CHUNK, FAST)
         else:
             cos = 0.0
             sin = 0.0
-        q_wide = _load_key(Cq, qk_offs, QBIAS, bias_base, offs_n, cos, sin, HAS_BIAS, ROTATE, CHUNK, N)
-        k_wide = _load_key(Bk, qk_offs, KBIAS, bias_base, offs_n, cos, sin, HAS_BIAS, ROTATE, CHUNK, N)
+        q_wide = _load_key(Cq, qk_offs, QBIAS, bias_base, mem_n, cos, sin, HAS_BIAS, ROTATE, CHUNK, N)
+        k_wide = _load_key(Bk, qk_offs, KBIAS, bias_base, mem_n, cos, sin, HAS_BIAS, ROTATE, CHUNK, N)
         q = q_wide.to(X.dtype.element_ty)
         k = k_wide.to(X.dtype.element_ty)
         xy_offs = xy_base + t[:, None] * (H * P) + offs_p[None, :]
@@ -365,21 +408,24 @@ def _chunk_dkdx_kernel(
         dk = dk_raw * w[:, None] + (g * diag_xdy)[:, None] * q.to(tl.float32)
         if ROTATE:
             dk, dphi = _unrotate(dk, k_wide, cos, sin, CHUNK, N)
-            offs_j = tl.arange(0, N // 2)
-            jmask = offs_j[None, :] < S
+            offs_j = tl.arange(0, S)
             dphi_offs = (scalar_base + t[:, None]) * S + offs_j[None, :]
-            dphi = tl.where(jmask, dphi + tl.load(DPHI + dphi_offs, mask=jmask, other=0.0), 0.0)
+            dphi += tl.load(DPHI + dphi_offs)
             chunk_dphi = tl.sum(dphi, axis=0)
             suffix = chunk_dphi[None, :] - tl.cumsum(dphi, axis=0) + dphi
-            tl.store(DPHI0 + phi0_base + chunk * S + offs_j, chunk_dphi, mask=offs_j < S)
+            tl.store(DPHI0 + phi0_base + chunk * S + offs_j, chunk_dphi)
             tl.store(DDT + scalar_base + t, tl.sum(suffix * pt, axis=1))
-            tl.store(DPHI + dphi_offs, suffix * dt[:, None], mask=jmask)
-        tl.store(DK + dk_base + t[:, None] * (H * N) + offs_n[None, :], dk.to(DK.dtype.element_ty))
+            tl.store(DPHI + dphi_offs, suffix * dt[:, None])
+        if HAS_BIAS:
+            bias_grad += tl.sum(dk, axis=0)
+        tl.store(DK + dk_base + t[:, None] * (H * N) + mem_n[None, :], dk.to(DK.dtype.element_ty))
         tl.store(DX + xy_offs, dx.to(DX.dtype.element_ty))
         tl.store(DW + scalar_base + t, dw)
         tl.store(DG + scalar_base + t, diag_qk * diag_xdy)
         q_from_start = (q * tl.exp(cs)[:, None]).to(q.dtype)
         dstate = dstate * tl.exp(chunk_total) + _mm(tl.trans(q_from_start), dy, PRECISION, UPCAST)
+    if HAS_BIAS:
+        tl.store(DKBIAS + (pid_bh * NUM_BLOCKS + pid_block) * N + mem_n, bias_grad)
 
 
 def _num_blocks(num_chunks: int, batch_heads: int, target_programs: int) -> tuple[int, int]:
@@ -409,7 +455,7 @@ class _Mamba3ScanCore(torch.autograd.Function):
         dims = dict(L=length, H=heads, G=groups, NUM_CHUNKS=num_chunks, CHUNKS_PER_BLOCK=per_block,
                     NUM_BLOCKS=num_blocks, N=state_dim, P=headdim, CHUNK=chunk_size, PRECISION=precision,
                     UPCAST=_INTERPRETED, BATCH_PER_BIAS=batch // q_bias.shape[0] if has_bias else 1,
-                    S=pt.shape[2] if rotate else 1, HAS_BIAS=has_bias, ROTATE=rotate)
+                    S=pt.shape[2] if rotate else 1, HAS_BIAS=has_bias, ROTATE=rotate, FAST=not _INTERPRETED)
         dummy = a_log
         rot_args = (dt, pt, phi0) if rotate else (dummy, dummy, dummy)
         qb, kb = (q_bias, k_bias) if has_bias else (dummy, dummy)
@@ -457,17 +503,22 @@ class _Mamba3ScanCore(torch.autograd.Function):
             dphi0 = torch.empty_like(phi0)
         else:
             dphi = ddt = dphi0 = a_log  # unused
+        if has_bias:  # per-program partial sums of the bias gradients
+            dq_bias_part = torch.empty(batch, heads, num_blocks, state_dim, device=x.device, dtype=torch.float32)
+            dk_bias_part = torch.empty_like(dq_bias_part)
+        else:
+            dq_bias_part = dk_bias_part = a_log  # unused
         _chunk_dq_kernel[grid](q, k, x, dy, a_log, w, g, state_in, dq, q_dq, qb, kb, dt, pt, phi0, dphi,
-                               num_warps=bwd_warps, **dims)
+                               dq_bias_part, num_warps=bwd_warps, **dims)
         _chunk_dkdx_kernel[grid](q, k, x, dy, a_log, w, g, dstate_out, dk, dx, dw, dg, qb, kb, dt, pt, phi0, dphi,
-                                 ddt, dphi0, num_warps=bwd_warps, **dims)
+                                 ddt, dphi0, dk_bias_part, num_warps=bwd_warps, **dims)
         d_cs = q_dq - w * dw
         d_alog = torch.flip(torch.cumsum(torch.flip(d_cs, (-1,)), -1), (-1,))
         d_qbias = d_kbias = None
         if has_bias:
-            per_bias = (qb.shape[0], batch // qb.shape[0], length, heads, state_dim)
-            d_qbias = dq.view(per_bias).sum((1, 2), dtype=torch.float32)
-            d_kbias = dk.view(per_bias).sum((1, 2), dtype=torch.float32)
+            per_bias = (qb.shape[0], batch // qb.shape[0], heads, num_blocks, state_dim)
+            d_qbias = dq_bias_part.view(per_bias).sum((1, 3))
+            d_kbias = dk_bias_part.view(per_bias).sum((1, 3))
         if groups != heads:
             dq = dq.unflatten(2, (groups, heads // groups)).sum(3, dtype=torch.float32)
             dk = dk.unflatten(2, (groups, heads // groups)).sum(3, dtype=torch.float32)
@@ -502,19 +553,27 @@ def _check_shapes(x, dt, Bm, Cm, chunk_size):
             raise ValueError(f"mamba3_scan (Triton): {name}={size} must be a power of two >= 16")
 
 
-def mamba3_scan(x, dt, A, lam, Bm, Cm, D=None, chunk_size: int = 32, target_programs: int = 1024, num_warps: int = 4,
-                bwd_num_warps: int = 8, *, B_bias=None, C_bias=None, theta=None):
+# Launch settings used when a call gives none (benchmarks/mamba3.py measured them on an H100; see MAMBA3_RESULTS.md).
+LAUNCH_DEFAULTS = dict(target_programs=1024, num_warps=4, bwd_num_warps=8)
+
+
+def mamba3_scan(x, dt, A, lam, Bm, Cm, D=None, chunk_size: int = 32, target_programs: int | None = None,
+                num_warps: int | None = None, bwd_num_warps: int | None = None, *, B_bias=None, C_bias=None,
+                theta=None):
     """Mamba-3 SISO scan on CUDA (or under TRITON_INTERPRET=1 on CPU). Shapes in the module docstring.
 
     Without ``B_bias``, ``C_bias`` and ``theta``, Bm and Cm are B̄ and C̄ as they are. With them (fused path) Bm and Cm
     are per group and unrotated, and the kernels form ``B̄ = R(φ) (Bm + B_bias)`` per head on the fly:
     B_bias, C_bias (H, N) or (NB, H, N) (batch row b uses row b // (B / NB); both or neither), theta (B, L, S) with
-    ``2 S <= N`` rotates pairs (2j, 2j+1) by ``φ_t = Σ_{r<=t} Δ_r π tanh(θ_r)`` (``cumulative_angles``).
+    ``S = N / 4`` rotates pairs (2j, 2j+1), j < S, by ``φ_t = Σ_{r<=t} Δ_r π tanh(θ_r)`` (``cumulative_angles``).
     ``num_warps`` / ``bwd_num_warps``: warps per program of the forward / backward kernels.
     ``target_programs`` sets how many (block, batch*head) programs to aim for (the sequence is cut into that many
     blocks when batch*heads is small). Returns y (B, L, H, P) in x's dtype.
     """
     _check_shapes(x, dt, Bm, Cm, chunk_size)
+    target_programs = LAUNCH_DEFAULTS["target_programs"] if target_programs is None else target_programs
+    num_warps = LAUNCH_DEFAULTS["num_warps"] if num_warps is None else num_warps
+    bwd_num_warps = LAUNCH_DEFAULTS["bwd_num_warps"] if bwd_num_warps is None else bwd_num_warps
     batch, length, heads, _ = x.shape
     if (B_bias is None) != (C_bias is None):
         raise ValueError("mamba3_scan: pass both B_bias and C_bias or neither")
@@ -526,9 +585,9 @@ def mamba3_scan(x, dt, A, lam, Bm, Cm, D=None, chunk_size: int = 32, target_prog
             raise ValueError(f"mamba3_scan: B_bias {tuple(B_bias.shape)} / C_bias {tuple(C_bias.shape)} must be "
                              f"(H, N) = {expected} or (NB, H, N) with NB dividing the batch {batch}")
         B_bias, C_bias = B_bias.float().contiguous(), C_bias.float().contiguous()
-    if theta is not None and (theta.shape[:2] != (batch, length) or 2 * theta.shape[2] > Bm.shape[3]):
-        raise ValueError(f"mamba3_scan: theta {tuple(theta.shape)} must be (B, L, S) = ({batch}, {length}, S) with "
-                         f"2 S <= d_state {Bm.shape[3]}")
+    if theta is not None and (theta.shape[:2] != (batch, length) or 4 * theta.shape[2] != Bm.shape[3]):
+        raise ValueError(f"mamba3_scan: theta {tuple(theta.shape)} must be (B, L, S) = ({batch}, {length}, "
+                         f"{Bm.shape[3] // 4}) (S = d_state / 4: the first half of the state rotates)")
     dt = dt.float()
     g, w = trapezoid_weights(dt, lam.float())
     a_log = dt * A.float()
