@@ -1,20 +1,23 @@
 """Mamba-3 benchmark (GPU): correctness of the Triton scan, then fwd+bwd time of our op vs the official Mamba-3 SISO
 Triton op vs SDPA flash attention, and whole backbone layers at matched parameters. Prints tables.
 
-    python benchmarks/mamba3.py [--official .whl/mamba_official] [--quick]
+    python benchmarks/mamba3.py [--official .whl/mamba_official] [--quick] [--skip check,tune,layers,ops,sweep]
+
+Order: correctness (op vs float64 reference, ours vs official, whole block CUDA vs CPU reference), launch-setting
+tuning of the fused op (``tune``: the fastest becomes the default for the rest of the run), layers (with a
+torch.profiler table at L = 8K), ops, and the scan-only sweep.
 
 Op setting: 64K tokens per step (batch = 65536 / L), 24 heads × headdim 64, d_state 128, bf16, one group of B/C.
 "ours" = our fused chunk-parallel Triton op (the same function as the official op: per-group B/C, per-head bias,
 data-dependent rotation on half the state with the angle cumsum done in-kernel, trapezoid, D skip); "ours scan" = the
-scan alone on pre-rotated per-head B̄, C̄. The official op is imported from an extracted ``mamba-ssm`` sdist (never copied into the repo):
-``pip download --no-deps --no-binary :all: mamba-ssm==2.3.2.post1`` and put ``mamba_ssm/ops/triton/mamba3/*.py``
+scan alone on pre-rotated per-head B̄, C̄. The official op is imported from an extracted ``mamba-ssm`` sdist (never
+copied into the repo): ``pip download --no-deps --no-binary :all: mamba-ssm==2.3.2.post1`` and put ``mamba_ssm/ops/triton/mamba3/*.py``
 under ``<official>/mamba_ssm/ops/triton/mamba3/`` (with empty ``__init__.py`` files on the way).
 Roofline: floor = max(flops / peak matmul rate, bytes / copy bandwidth), both measured here; fraction = floor / time.
 """
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 

@@ -3,11 +3,21 @@
 Public op::
 
     mamba3_scan(x (B, L, H, P), dt (B, L, H), A (B, L, H), lam (B, L, H),
-                Bm (B, L, G, N), Cm (B, L, G, N), D (H) | None, chunk_size=64) -> y (B, L, H, P)
+                Bm (B, L, G, N), Cm (B, L, G, N), D (H) | None, chunk_size=32,
+                *, B_bias=None, C_bias=None, theta=None) -> y (B, L, H, P)
 
-``Bm`` and ``Cm`` are ``B̄`` and ``C̄``, i.e. already normalised, biased and rotated (pass G = H when they are per
-head); ``dt`` is Δ (softplus done, 0 at padding), ``A`` is negative, ``lam`` is λ in [0, 1]. x, Bm and Cm share a
-dtype (bf16 or fp32); the state and every accumulation are fp32. Differentiable in all inputs.
+Plain form: ``Bm`` and ``Cm`` are ``B̄`` and ``C̄``, already biased and rotated (pass G = H when they are per head).
+Fused form (what the layer uses): ``Bm``, ``Cm`` stay per group and unrotated, with per-head biases ``B_bias``,
+``C_bias`` (H, N) or (NB, H, N) and rotation inputs ``theta`` (B, L, N / 4); every kernel that reads B̄ or C̄ builds
+them on the fly, ``B̄_t = R(φ_t) (B_t + bias_h)``, from the cumulative angle ``φ_t = Σ_{r<=t} Δ_r π tanh(θ_r)``
+(per head). The angle is each chunk's starting angle (a tiny (B, H, L / CHUNK, S) tensor from a per-chunk einsum and
+cumsum) plus an in-kernel cumsum; cos/sin use the hardware approximations after reduction to [-π, π] (libdevice
+under the interpreter). The kernels hold the state dimensions in a permuted order (``_state_order``) so that the
+rotated and unrotated pairs alternate: cos/sin are computed for the N / 4 real angles only. The backward kernels
+un-rotate dB̄, dC̄ in-kernel, write per-head dB, dC (summed over the heads of a group afterwards), per-program sums
+for the bias gradients, and the angle gradients (dφ to dΔ and to π tanh θ through the in-chunk suffix sums).
+``dt`` is Δ (softplus done, 0 at padding), ``A`` is negative, ``lam`` is λ in [0, 1]. x, Bm and Cm share a
+dtype (bf16 or fp32); the state, the angles and every accumulation are fp32. Differentiable in all inputs.
 
 Algorithm. The op is the quadratic form ``y_t = Σ_{s<t} (C̄_t·B̄_s) e^{cs_t - cs_s} w_s x_s + g_t (C̄_t·B̄_t) x_t``
 with ``cs`` the cumulative ``Δ A``, ``g = λΔ`` and ``w_s = g_s + (1 - λ_{s+1}) Δ_{s+1}`` (see the reference). The
@@ -553,7 +563,7 @@ def _check_shapes(x, dt, Bm, Cm, chunk_size):
             raise ValueError(f"mamba3_scan (Triton): {name}={size} must be a power of two >= 16")
 
 
-# Launch settings used when a call gives none (benchmarks/mamba3.py measured them on an H100; see MAMBA3_RESULTS.md).
+# Launch settings used when a call gives none (benchmarks/mamba3.py measured them on an H100; see BENCHMARKS.md).
 LAUNCH_DEFAULTS = dict(target_programs=1024, num_warps=4, bwd_num_warps=8)
 
 

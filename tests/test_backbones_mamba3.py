@@ -105,6 +105,7 @@ def test_hybrid_pattern_expands_to_depth():
         ("mamba3", {"bidirectional": "both"}, "'both'"),
         ("mamba3", {"d_state": 10}, "d_state 10"),
         ("mamba3", {"ngroups": 3}, "ngroups 3"),
+        ("mamba3", {"a_init": 0.0}, "a_init 0.0"),
     ],
 )
 def test_bad_options_raise_value_error(name, kwargs, message):

@@ -7,10 +7,11 @@ and x = 0, so they change no state: real-token outputs are the same with or with
 
 Mixer (``Mamba3Mixer``), per token, from one bias-free ``in_proj``: gate z and value x (H heads × P), and per direction
 key B and query C (G groups × R ranks × N), Δ, A and λ inputs (H each) and rotation inputs θ (N // 4). Then
-``Δ = softplus(· + dt_bias)``, ``A = -max(softplus(·), 1e-4)``, ``λ = sigmoid(·)``, B and C go through RMSNorm and get
-per-head biases (init 1), and are rotated by cumulative angles ``φ_t = φ_{t-1} + Δ_t π tanh(θ_t)`` (see
-``kernels/mamba3_scan_ref.py`` for the recurrence and the pairing convention). ``y = (scan_fwd + scan_bwd + D x) ·
-silu(z)``, then ``out_proj``. On CUDA (SISO) the scan is the fused Triton op (``kernels/mamba3_scan.py``): B and C
+``Δ = softplus(· + dt_bias)``, ``A = -max(softplus(· [+ A_bias]), 1e-4)`` (``A_bias`` only with ``a_init``: a
+learnable per-head offset starting at softplus⁻¹(a_init), for tasks whose state must not decay), ``λ = sigmoid(·)``,
+B and C go through RMSNorm and get per-head biases (init 1), and are rotated by cumulative angles
+``φ_t = φ_{t-1} + Δ_t π tanh(θ_t)`` (see ``kernels/mamba3_scan_ref.py`` for the recurrence and the pairing
+convention). ``y = (scan_fwd + scan_bwd + D x) · silu(z)``, then ``out_proj``. On CUDA (SISO) the scan is the fused Triton op (``kernels/mamba3_scan.py``): B and C
 stay per group, and the per-head bias, the angle cumsum and the rotation happen inside the kernels; elsewhere (and
 for MIMO) the PyTorch reference path (``scan_reference``) does the same in plain PyTorch.
 """
@@ -152,7 +153,8 @@ class Mamba3Mixer(nn.Module):
         theta = torch.cat([s[5] for s in inputs], dim=0) if self.use_rotation else None
         bias_rows = [d for _, _, _, d in streams]
         B_bias, C_bias = self.B_bias[bias_rows], self.C_bias[bias_rows]  # (ndir, H, R, N)
-        if (xs.is_cuda or USE_TRITON_ON_CPU) and self.rank == 1:  # fused Triton op: per-group B/C, per-head bias + rotation in-kernel
+        # fused Triton op on CUDA: per-group B/C, per-head bias and rotation in-kernel
+        if (xs.is_cuda or USE_TRITON_ON_CPU) and self.rank == 1:
             from kernels.mamba3_scan import mamba3_scan  # imports triton; only needed on CUDA
 
             y = mamba3_scan(xs, dt, A, lam, Bn.squeeze(3), Cn.squeeze(3), None, chunk_size=self.chunk_size,
