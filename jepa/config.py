@@ -119,7 +119,6 @@ class MonitorConfig:
     bank_per_class: int = 0  # 0: the whole train split
     query_per_class: int = 0  # 0: the whole val split
     batch_size: int = 256
-    collapse_every: int = 0  # 0: with every log
 
 
 @dataclass
