@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import Block, Mlp
 
 from .config import AttentiveConfig
-from .grid import GridResult, cosine_factor, grid, stratified_holdout, summarise
+from .grid import GridResult, grid, scheduled_step, stratified_holdout, summarise
 
 
 def default_num_heads(dim: int) -> int:
@@ -99,12 +99,7 @@ def attentive_probe(train_tokens: torch.Tensor, train_y: torch.Tensor, val_token
             batch = order[start:start + cfg.batch_size]
             x, y = train_tokens[batch].to(device).float(), train_y[batch].to(device)
             loss = sum(F.cross_entropy(probe(x), y) for probe in probes)
-            factor = cosine_factor(step, total, warmup)
-            for group in optimizer.param_groups:
-                group["lr"] = group["base_lr"] * factor
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            scheduled_step(optimizer, loss, step, total, warmup)
             step += 1
     held = _logits(probes, train_tokens[held_idx], device)
     val = _logits(probes, val_tokens, device)

@@ -41,6 +41,16 @@ def cosine_factor(step: int, total: int, warmup: int = 0) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def scheduled_step(optimizer, loss, step: int, total: int, warmup: int = 0) -> None:
+    """One optimizer step at ``base_lr * cosine_factor(step, total, warmup)`` for every parameter group."""
+    factor = cosine_factor(step, total, warmup)
+    for group in optimizer.param_groups:
+        group["lr"] = group["base_lr"] * factor
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
 @dataclass
 class GridResult:
     """Per head: ``lr``, ``weight_decay``, ``holdout_top1``, ``val_top1``, ``val_top5`` (fractions).

@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import LinearConfig
-from .grid import GridResult, cosine_factor, grid, stratified_holdout, summarise
+from .grid import GridResult, grid, scheduled_step, stratified_holdout, summarise
 
 
 class ParallelLinearHeads(nn.Module):
@@ -61,12 +61,7 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tens
             x, y = fit_x[batch].to(device).float(), fit_y[batch].to(device)
             logits = model(x)  # (H, B, C)
             loss = F.cross_entropy(logits.flatten(0, 1), y.repeat(len(settings)), reduction="sum") / len(batch)
-            factor = cosine_factor(step, total)
-            for group in optimizer.param_groups:
-                group["lr"] = group["base_lr"] * factor
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            scheduled_step(optimizer, loss, step, total)
             step += 1
     held = _logits(model, train_x[held_idx], device)
     val = _logits(model, val_x, device)
