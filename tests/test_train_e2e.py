@@ -99,3 +99,31 @@ def test_every_predictor_backbone_trains_through_train_py(imagenette_small, tmp_
     state = load_file(str(tmp_path / "checkpoint-00000004" / "model.safetensors"))
     kinds = {"transformer": "attn.qkv", "mamba3": "in_proj", "hybrid": "in_proj"}
     assert any(kinds[backbone] in name for name in state if name.startswith("predictor.backbone"))
+
+
+def run_ddp(root, out, *overrides):
+    """train.py in 2 CPU processes (torchrun + gloo)."""
+    args = BASE + [f"data.root={root}", f"trainer.output_dir={out}", *overrides]
+    env = dict(os.environ, PYTHONPATH=str(REPO), ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", "29517", str(REPO / "train.py"), *args],
+                          capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+def test_two_process_ddp_resume_is_exact(imagenette_small, tmp_path):
+    common = ("trainer.checkpoint_every=2", "optim.schedule_steps=4", "model.drop_path=0.1", "data.num_workers=0",
+              "monitor.knn_every=0", "data.batch_size=4")
+    run_ddp(imagenette_small, tmp_path / "full", "trainer.max_steps=4", *common)
+    run_ddp(imagenette_small, tmp_path / "split", "trainer.max_steps=2", *common)
+    log = run_ddp(imagenette_small, tmp_path / "split", "trainer.max_steps=4", *common)
+    assert "resumed from" in log and "at step 2" in log
+    for rank in (0, 1):
+        assert (tmp_path / "split" / "checkpoint-00000004" / f"rng_state_{rank}.safetensors").is_file()
+    full_online, full_target = weights(tmp_path / "full" / "checkpoint-00000004")
+    split_online, split_target = weights(tmp_path / "split" / "checkpoint-00000004")
+    for name in full_online:
+        assert torch.equal(full_online[name], split_online[name]), name
+    for name in full_target:
+        assert torch.equal(full_target[name], split_target[name]), name
