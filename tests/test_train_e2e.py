@@ -105,8 +105,8 @@ def run_ddp(root, out, *overrides):
     """train.py in 2 CPU processes (torchrun + gloo)."""
     args = BASE + [f"data.root={root}", f"trainer.output_dir={out}", *overrides]
     env = dict(os.environ, PYTHONPATH=str(REPO), ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", "29517", str(REPO / "train.py"), *args],
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(REPO / "train.py"), *args],
                           capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     return done.stdout
