@@ -32,6 +32,14 @@ def weights(ckpt):
     return load_file(str(ckpt / "model.safetensors")), load_file(str(ckpt / "target_encoder.safetensors"))
 
 
+def assert_same_weights(ckpt_a, ckpt_b):
+    """Online and target weights of two checkpoints are bit-identical."""
+    for state_a, state_b in zip(weights(ckpt_a), weights(ckpt_b)):
+        assert state_a.keys() == state_b.keys()
+        for name in state_a:
+            assert torch.equal(state_a[name], state_b[name]), name
+
+
 def test_loss_falls_on_real_images(imagenette_small, tmp_path, capsys):
     run_train(imagenette_small, tmp_path, "trainer.max_steps=30", "optim.lr=2e-3", "optim.warmup_steps=3",
               "loss.kind=l2", "monitor.knn_every=0")
@@ -51,12 +59,7 @@ def test_exact_resume_in_a_new_process(imagenette_small, tmp_path):
     run_train(imagenette_small, tmp_path / "split", "trainer.max_steps=3", *common, subprocess_run=True)
     log = run_train(imagenette_small, tmp_path / "split", "trainer.max_steps=6", *common, subprocess_run=True)
     assert "resumed from" in log and "at step 3" in log
-    full_online, full_target = weights(tmp_path / "full" / "checkpoint-00000006")
-    split_online, split_target = weights(tmp_path / "split" / "checkpoint-00000006")
-    for name in full_online:
-        assert torch.equal(full_online[name], split_online[name]), name
-    for name in full_target:
-        assert torch.equal(full_target[name], split_target[name]), name
+    assert_same_weights(tmp_path / "full" / "checkpoint-00000006", tmp_path / "split" / "checkpoint-00000006")
     state = json.loads((tmp_path / "split" / "checkpoint-00000006" / "train_state.json").read_text())
     assert state["step"] == 6 and state["schedules"]["lr"]["current"] == 6
 
@@ -121,9 +124,4 @@ def test_two_process_ddp_resume_is_exact(imagenette_small, tmp_path):
     assert "resumed from" in log and "at step 2" in log
     for rank in (0, 1):
         assert (tmp_path / "split" / "checkpoint-00000004" / f"rng_state_{rank}.safetensors").is_file()
-    full_online, full_target = weights(tmp_path / "full" / "checkpoint-00000004")
-    split_online, split_target = weights(tmp_path / "split" / "checkpoint-00000004")
-    for name in full_online:
-        assert torch.equal(full_online[name], split_online[name]), name
-    for name in full_target:
-        assert torch.equal(full_target[name], split_target[name]), name
+    assert_same_weights(tmp_path / "full" / "checkpoint-00000004", tmp_path / "split" / "checkpoint-00000004")
