@@ -12,12 +12,16 @@ Fused form (what the layer uses): ``Bm``, ``Cm`` stay per group and unrotated, w
 them on the fly, ``B̄_t = R(φ_t) (B_t + bias_h)``, from the cumulative angle ``φ_t = Σ_{r<=t} Δ_r π tanh(θ_r)``
 (per head). The angle is each chunk's starting angle (a tiny (B, H, L / CHUNK, S) tensor from a per-chunk einsum and
 cumsum) plus an in-kernel cumsum; cos/sin use the hardware approximations after reduction to [-π, π] (libdevice
-under the interpreter). The kernels hold the state dimensions in a permuted order (``_state_order``) so that the
-rotated and unrotated pairs alternate: cos/sin are computed for the N / 4 real angles only. The backward kernels
+under the interpreter). The kernels hold B̄, C̄ and the state as three tiles over the state dimension: the first
+members of the rotated pairs, the second members, and the real half (``_load_key``), so the rotation is elementwise
+and cos/sin are computed for the N / 4 angles only; products over the state are sums of three dots. The backward kernels
 un-rotate dB̄, dC̄ in-kernel, write per-head dB, dC (summed over the heads of a group afterwards), per-program sums
 for the bias gradients, and the angle gradients (dφ to dΔ and to π tanh θ through the in-chunk suffix sums).
 ``dt`` is Δ (softplus done, 0 at padding), ``A`` is negative, ``lam`` is λ in [0, 1]. x, Bm and Cm share a
 dtype (bf16 or fp32); the state, the angles and every accumulation are fp32. Differentiable in all inputs.
+``D`` (the skip ``D x``) is fused into the forward and dx kernels. ``reversed_heads``: the last heads scan right to
+left in the same launch (each program maps its scan position t to memory row L - 1 - t), which is how the
+bidirectional layer runs both directions without flipping or concatenating anything.
 
 Algorithm. The op is the quadratic form ``y_t = Σ_{s<t} (C̄_t·B̄_s) e^{cs_t - cs_s} w_s x_s + g_t (C̄_t·B̄_t) x_t``
 with ``cs`` the cumulative ``Δ A``, ``g = λΔ`` and ``w_s = g_s + (1 - λ_{s+1}) Δ_{s+1}`` (see the reference). The
@@ -43,7 +47,6 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .mamba3_scan_ref import trapezoid_weights
 
 # Triton's CPU interpreter (TRITON_INTERPRET=1, used by the tests) computes bf16 dots wrongly (triton 3.8); there the
 # operands, already rounded to their dtype, are multiplied in fp32, which is what the GPU's bf16 dot does.
@@ -56,6 +59,12 @@ def _mm(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     if UPCAST:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
+def _mm3(a0, a1, a2, b0, b1, b2, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """Σ_i a_i @ b_i: a product over the state dimension held as its three tiles (see ``_load_key``)."""
+    return _mm(a0, b0, PRECISION, UPCAST) + _mm(a1, b1, PRECISION, UPCAST) + _mm(a2, b2, PRECISION, UPCAST)
 
 
 @triton.jit
@@ -73,124 +82,159 @@ def _cos_sin(phi, FAST: tl.constexpr):
 
 
 @triton.jit
-def _angles(DT, PT, PHI0, scalar_base, pt_base, phi0_base, chunk, t, S: tl.constexpr, CHUNK: tl.constexpr,
-            FAST: tl.constexpr):
-    """One chunk's rotation tables cos, sin (CHUNK, 2 S), its Δ (CHUNK,) and π·tanh(θ) (CHUNK, S).
+def _token_rows(chunk, L, rev, CHUNK: tl.constexpr):
+    """Chunk ``chunk`` of a program's scan order -> (t (CHUNK,) positions in scan order, m (CHUNK,) memory rows).
 
-    φ_t = φ0[chunk] + Σ_{chunk start <= r <= t} Δ_r π tanh(θ_r). The tables are per *pair* of state dimensions in the
-    kernels' order (``_state_order``): pair 2j is rotated by angle j, pair 2j + 1 is not rotated (cos 1, sin 0).
-    """
+    Right-to-left heads (``rev``) scan the (padded) sequence from its end: position t is memory row L - 1 - t."""
+    t = chunk * CHUNK + tl.arange(0, CHUNK)
+    return t, tl.where(rev, L - 1 - t, t)
+
+
+@triton.jit
+def _decays(ALOG, W, GD, scalar_base, t):
+    """One chunk's trapezoid weights w, g (CHUNK,), cumulative log-decay cs (CHUNK,) and its total (scalar)."""
+    a_log = tl.load(ALOG + scalar_base + t)
+    w = tl.load(W + scalar_base + t)
+    g = tl.load(GD + scalar_base + t)
+    return w, g, tl.cumsum(a_log, axis=0), tl.sum(a_log, axis=0)
+
+
+@triton.jit
+def _angles(DT, PT, PHI0, scalar_base, pt_base, phi0_base, chunk, t, m, S: tl.constexpr, FAST: tl.constexpr):
+    """One chunk's cos, sin (CHUNK, S) of φ_t = φ0[chunk] + Σ_{chunk start <= r <= t} Δ_r π tanh(θ_r) (scan order),
+    its Δ (CHUNK,) and π·tanh(θ) (CHUNK, S)."""
     offs_j = tl.arange(0, S)
     dt = tl.load(DT + scalar_base + t)
-    pt = tl.load(PT + pt_base + t[:, None] * S + offs_j[None, :])
+    pt = tl.load(PT + pt_base + m[:, None] * S + offs_j[None, :])
     phi = tl.load(PHI0 + phi0_base + chunk * S + offs_j)[None, :] + tl.cumsum(dt[:, None] * pt, axis=0)
     cos, sin = _cos_sin(phi, FAST)
-    cos = tl.reshape(tl.join(cos, tl.full((CHUNK, S), 1.0, tl.float32)), (CHUNK, 2 * S))
-    sin = tl.reshape(tl.join(sin, tl.zeros((CHUNK, S), tl.float32)), (CHUNK, 2 * S))
     return cos, sin, dt, pt
 
 
 @triton.jit
-def _state_order(N: tl.constexpr, S: tl.constexpr, ROTATE: tl.constexpr):
-    """(N,) memory index of each state dimension in the kernels' order. With rotation (S = N / 4), the kernels'
-    pair p holds the stored pair p / 2 (rotated by angle p / 2) for even p and pair S + p // 2 (not rotated) for odd
-    p, so that cos/sin are computed for the S rotated pairs only. Dot products do not depend on the order."""
-    m = tl.arange(0, N)
-    if ROTATE:
-        pair = m // 2
-        stored_pair = tl.where(pair % 2 == 0, pair // 2, S + pair // 2)
-        return 2 * stored_pair + m % 2
-    else:
-        return m
-
-
-@triton.jit
-def _rotate(v, cos, sin, CHUNK: tl.constexpr, N: tl.constexpr):
-    """Rotate the pairs (2p, 2p+1) of v (CHUNK, N) fp32 by the angles whose cos, sin are (CHUNK, N // 2)."""
-    even, odd = tl.split(tl.reshape(v, (CHUNK, N // 2, 2)))
-    return tl.reshape(tl.join(even * cos - odd * sin, even * sin + odd * cos), (CHUNK, N))
-
-
-@triton.jit
-def _unrotate(dr, r, cos, sin, CHUNK: tl.constexpr, N: tl.constexpr):
-    """Gradient through ``r = rotate(v, φ)``: dr (CHUNK, N) fp32 -> (dv (CHUNK, N), dφ (CHUNK, N // 4)) (the pairs
-    that rotate: even pairs in the kernels' order)."""
-    d_even, d_odd = tl.split(tl.reshape(dr, (CHUNK, N // 2, 2)))
-    r_even, r_odd = tl.split(tl.reshape(r, (CHUNK, N // 2, 2)))
-    dphi_pairs = d_odd * r_even - d_even * r_odd
-    dv = tl.reshape(tl.join(d_even * cos + d_odd * sin, d_odd * cos - d_even * sin), (CHUNK, N))
-    dphi, _ = tl.split(tl.reshape(dphi_pairs, (CHUNK, N // 4, 2)))
-    return dv, dphi
-
-
-@triton.jit
-def _load_key(PTR, offs, BIAS, bias_base, mem_n, cos, sin,
-              HAS_BIAS: tl.constexpr, ROTATE: tl.constexpr, CHUNK: tl.constexpr, N: tl.constexpr):
-    """B̄ or C̄ of one chunk (CHUNK, N): the stored per-group vectors plus the per-head bias, rotated; fp32."""
-    v = tl.load(PTR + offs).to(tl.float32)
+def _load_key(PTR, rows, BIAS, bias_base, cos, sin, HAS_BIAS: tl.constexpr, ROTATE: tl.constexpr,
+              S: tl.constexpr, N: tl.constexpr):
+    """B̄ or C̄ of one chunk as three fp32 tiles: (CHUNK, S) the first members of the rotated pairs (stored dims 2j),
+    (CHUNK, S) the second members (dims 2j + 1), (CHUNK, N / 2) the real half (dims N / 2 ..). ``rows`` (CHUNK,) are
+    the tokens' element offsets. Per-head bias added, pairs rotated by (cos, sin). Keeping the pair members in
+    separate tiles makes the rotation elementwise (no in-register reshapes); products over the state dimension are
+    sums of three dots (``_mm3``)."""
+    offs_s = tl.arange(0, S)
+    offs_h = tl.arange(0, N // 2)
+    first = tl.load(PTR + rows[:, None] + 2 * offs_s[None, :]).to(tl.float32)
+    second = tl.load(PTR + rows[:, None] + 2 * offs_s[None, :] + 1).to(tl.float32)
+    real = tl.load(PTR + rows[:, None] + N // 2 + offs_h[None, :]).to(tl.float32)
     if HAS_BIAS:
-        v += tl.load(BIAS + bias_base + mem_n)[None, :]
+        first += tl.load(BIAS + bias_base + 2 * offs_s)[None, :]
+        second += tl.load(BIAS + bias_base + 2 * offs_s + 1)[None, :]
+        real += tl.load(BIAS + bias_base + N // 2 + offs_h)[None, :]
     if ROTATE:
-        v = _rotate(v, cos, sin, CHUNK, N)
-    return v
+        first, second = first * cos - second * sin, first * sin + second * cos
+    return first, second, real
 
 
 @triton.jit
-def _block_state_kernel(
-    U, V, ALOG, W, STATE, BLOCK_DECAY, UBIAS, DT, PT, PHI0,
-    L, H: tl.constexpr, G: tl.constexpr, NUM_CHUNKS, CHUNKS_PER_BLOCK, NUM_BLOCKS,
-    N: tl.constexpr, P: tl.constexpr, CHUNK: tl.constexpr, REVERSE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    BATCH_PER_BIAS, S: tl.constexpr, HAS_BIAS: tl.constexpr, ROTATE: tl.constexpr, FAST: tl.constexpr,
-):
-    """Per (block, batch*head): forward: Σ_s e^{cs_end - cs_s} w_s u_s v_sᵀ; reverse: Σ_t e^{cs_t - cs_start-1} u_t v_tᵀ.
+def _store_key_grad(PTR, rows, d0, d1, d2, S: tl.constexpr, N: tl.constexpr):
+    """Store the three gradient tiles of a key (layout of ``_load_key``) at element offsets ``rows``."""
+    offs_s = tl.arange(0, S)
+    offs_h = tl.arange(0, N // 2)
+    tl.store(PTR + rows[:, None] + 2 * offs_s[None, :], d0.to(PTR.dtype.element_ty))
+    tl.store(PTR + rows[:, None] + 2 * offs_s[None, :] + 1, d1.to(PTR.dtype.element_ty))
+    tl.store(PTR + rows[:, None] + N // 2 + offs_h[None, :], d2.to(PTR.dtype.element_ty))
 
-    U (B, L, G, N), V (B, L, H, P), ALOG/W (B, H, L) fp32 -> STATE (B, H, NUM_BLOCKS, N, P) fp32, BLOCK_DECAY
-    (B, H, NUM_BLOCKS) fp32 (the block's total log-decay).
-    """
+
+@triton.jit
+def _store_bias_grad(PTR, base, d0, d1, d2, S: tl.constexpr, N: tl.constexpr):
+    offs_s = tl.arange(0, S)
+    offs_h = tl.arange(0, N // 2)
+    tl.store(PTR + base + 2 * offs_s, d0)
+    tl.store(PTR + base + 2 * offs_s + 1, d1)
+    tl.store(PTR + base + N // 2 + offs_h, d2)
+
+
+@triton.jit
+def _unrotate(d0, d1, r0, r1, cos, sin):
+    """Gradient through the rotation of a pair tile: d0, d1 the gradients of the rotated members r0, r1 ->
+    (gradients of the unrotated members, dφ (CHUNK, S))."""
+    return d0 * cos + d1 * sin, d1 * cos - d0 * sin, d1 * r0 - d0 * r1
+
+
+@triton.jit
+def _state_tiles(PTR, S: tl.constexpr, N: tl.constexpr, P: tl.constexpr):
+    """Load an (N, P) fp32 state stored as rows [first members (S), second members (S), real half (N / 2)]."""
+    offs_s = tl.arange(0, S)
+    offs_h = tl.arange(0, N // 2)
+    offs_p = tl.arange(0, P)
+    s0 = tl.load(PTR + offs_s[:, None] * P + offs_p[None, :])
+    s1 = tl.load(PTR + (S + offs_s[:, None]) * P + offs_p[None, :])
+    s2 = tl.load(PTR + (2 * S + offs_h[:, None]) * P + offs_p[None, :])
+    return s0, s1, s2
+
+
+@triton.jit
+def _program_ids(H: tl.constexpr, G: tl.constexpr, H_FWD, BATCH_PER_BIAS, L, NUM_CHUNKS, S: tl.constexpr,
+                 N: tl.constexpr):
+    """-> (block, batch*head, batch, head, group, right-to-left?, scalar/bias/θ/start-angle base offsets)."""
     pid_block = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
     batch = pid_bh // H
     head = pid_bh % H
     group = head // (H // G)
-    offs_t = tl.arange(0, CHUNK)
-    offs_n = tl.arange(0, N)
-    mem_n = _state_order(N, S, ROTATE)
-    offs_p = tl.arange(0, P)
-    u_base = batch * L * G * N + group * N
-    v_base = V + batch * L * H * P + head * P
-    scalar_base = pid_bh * L
+    rev = head >= H_FWD
     bias_base = ((batch // BATCH_PER_BIAS) * H + head) * N
-    pt_base = batch * L * S
-    phi0_base = pid_bh * NUM_CHUNKS * S
-    acc = tl.zeros((N, P), dtype=tl.float32)
+    return pid_block, pid_bh, batch, head, group, rev, pid_bh * L, bias_base, batch * L * S, pid_bh * NUM_CHUNKS * S
+
+
+@triton.jit
+def _block_state_kernel(
+    U, V, ALOG, W, STATE, BLOCK_DECAY, UBIAS, DT, PT, PHI0,
+    L, H: tl.constexpr, G: tl.constexpr, H_FWD, NUM_CHUNKS, CHUNKS_PER_BLOCK, NUM_BLOCKS,
+    N: tl.constexpr, P: tl.constexpr, CHUNK: tl.constexpr, REVERSE: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, BATCH_PER_BIAS, S: tl.constexpr, HAS_BIAS: tl.constexpr, ROTATE: tl.constexpr,
+    FAST: tl.constexpr,
+):
+    """Per (block, batch*head): forward: Σ_s e^{cs_end - cs_s} w_s u_s v_sᵀ; reverse: Σ_t e^{cs_t - cs_start-1} u_t v_tᵀ.
+
+    U (B, L, G, N), V (B, L, H, P), ALOG/W (B, H, L) fp32 -> STATE (B, H, NUM_BLOCKS, N, P) fp32 (rows in the tile
+    order of ``_state_tiles``), BLOCK_DECAY (B, H, NUM_BLOCKS) fp32 (the block's total log-decay).
+    """
+    pid_block, pid_bh, batch, head, group, rev, scalar_base, bias_base, pt_base, phi0_base = _program_ids(
+        H, G, H_FWD, BATCH_PER_BIAS, L, NUM_CHUNKS, S, N)
+    offs_p = tl.arange(0, P)
+    acc0 = tl.zeros((S, P), dtype=tl.float32)
+    acc1 = tl.zeros((S, P), dtype=tl.float32)
+    acc2 = tl.zeros((N // 2, P), dtype=tl.float32)
     total = tl.sum(tl.zeros((CHUNK,), dtype=tl.float32), axis=0)
     first = pid_block * CHUNKS_PER_BLOCK
     last = tl.minimum(first + CHUNKS_PER_BLOCK, NUM_CHUNKS)
     for chunk in range(first, last):
-        t = chunk * CHUNK + offs_t
-        a_log = tl.load(ALOG + scalar_base + t)
-        cs = tl.cumsum(a_log, axis=0)
-        chunk_total = tl.sum(a_log, axis=0)
+        t, m = _token_rows(chunk, L, rev, CHUNK)
+        w, g, cs, chunk_total = _decays(ALOG, W, W, scalar_base, t)
         if ROTATE:
-            cos, sin, dt, pt = _angles(DT, PT, PHI0, scalar_base, pt_base, phi0_base, chunk, t, S, CHUNK, FAST)
+            cos, sin, dt, pt = _angles(DT, PT, PHI0, scalar_base, pt_base, phi0_base, chunk, t, m, S, FAST)
         else:
             cos = 0.0
             sin = 0.0
-        u = _load_key(U, u_base + t[:, None] * (G * N) + mem_n[None, :], UBIAS, bias_base, mem_n, cos, sin,
-                      HAS_BIAS, ROTATE, CHUNK, N)
-        v = tl.load(v_base + t[:, None] * (H * P) + offs_p[None, :])
+        u0, u1, u2 = _load_key(U, (batch * L + m) * (G * N) + group * N, UBIAS, bias_base, cos, sin, HAS_BIAS,
+                               ROTATE, S, N)
+        v = tl.load(V + ((batch * L + m) * H + head)[:, None] * P + offs_p[None, :])
         if REVERSE:
-            coef = tl.exp(total + cs)
-            acc += _mm(tl.trans((u * coef[:, None]).to(v.dtype)), v, PRECISION, UPCAST)
+            coef = tl.exp(total + cs)[:, None]
         else:
-            w = tl.load(W + scalar_base + t)
-            coef = tl.exp(chunk_total - cs) * w
-            acc = acc * tl.exp(chunk_total) + _mm(
-                tl.trans((u * coef[:, None]).to(v.dtype)), v, PRECISION, UPCAST
-            )
+            coef = (tl.exp(chunk_total - cs) * w)[:, None]
+            acc0 = acc0 * tl.exp(chunk_total)
+            acc1 = acc1 * tl.exp(chunk_total)
+            acc2 = acc2 * tl.exp(chunk_total)
+        acc0 += _mm(tl.trans((u0 * coef).to(v.dtype)), v, PRECISION, UPCAST)
+        acc1 += _mm(tl.trans((u1 * coef).to(v.dtype)), v, PRECISION, UPCAST)
+        acc2 += _mm(tl.trans((u2 * coef).to(v.dtype)), v, PRECISION, UPCAST)
         total += chunk_total
     out = STATE + (pid_bh * NUM_BLOCKS + pid_block) * (N * P)
-    tl.store(out + offs_n[:, None] * P + offs_p[None, :], acc)
+    offs_s = tl.arange(0, S)
+    offs_h = tl.arange(0, N // 2)
+    tl.store(out + offs_s[:, None] * P + offs_p[None, :], acc0)
+    tl.store(out + (S + offs_s[:, None]) * P + offs_p[None, :], acc1)
+    tl.store(out + (2 * S + offs_h[:, None]) * P + offs_p[None, :], acc2)
     tl.store(BLOCK_DECAY + pid_bh * NUM_BLOCKS + pid_block, total)
 
 
@@ -216,210 +260,198 @@ def _block_scan_kernel(STATE, BLOCK_DECAY, NUM_BLOCKS, SIZE: tl.constexpr, TILE:
 
 @triton.jit
 def _chunk_forward_kernel(
-    Cq, Bk, X, ALOG, W, GD, STATE_IN, Y, QBIAS, KBIAS, DT, PT, PHI0,
-    L, H: tl.constexpr, G: tl.constexpr, NUM_CHUNKS, CHUNKS_PER_BLOCK, NUM_BLOCKS,
+    Cq, Bk, X, ALOG, W, GD, STATE_IN, Y, QBIAS, KBIAS, DT, PT, PHI0, DSKIP,
+    L, H: tl.constexpr, G: tl.constexpr, H_FWD, NUM_CHUNKS, CHUNKS_PER_BLOCK, NUM_BLOCKS,
     N: tl.constexpr, P: tl.constexpr, CHUNK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BATCH_PER_BIAS, S: tl.constexpr, HAS_BIAS: tl.constexpr, ROTATE: tl.constexpr, FAST: tl.constexpr,
+    HAS_D: tl.constexpr,
 ):
-    """y for one (block, batch*head): walks the block's chunks from the block's incoming state."""
-    pid_block = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
-    batch = pid_bh // H
-    head = pid_bh % H
-    group = head // (H // G)
+    """y for one (block, batch*head): walks the block's chunks from the block's incoming state (+ D x)."""
+    pid_block, pid_bh, batch, head, group, rev, scalar_base, bias_base, pt_base, phi0_base = _program_ids(
+        H, G, H_FWD, BATCH_PER_BIAS, L, NUM_CHUNKS, S, N)
     offs_t = tl.arange(0, CHUNK)
-    offs_n = tl.arange(0, N)
-    mem_n = _state_order(N, S, ROTATE)
     offs_p = tl.arange(0, P)
-    qk_base = batch * L * G * N + group * N
-    xy_base = batch * L * H * P + head * P
-    bias_base = ((batch // BATCH_PER_BIAS) * H + head) * N
-    pt_base = batch * L * S
-    phi0_base = pid_bh * NUM_CHUNKS * S
-    scalar_base = pid_bh * L
     below = offs_t[:, None] > offs_t[None, :]
     diagonal = offs_t[:, None] == offs_t[None, :]
-    state_ptr = STATE_IN + (pid_bh * NUM_BLOCKS + pid_block) * (N * P) + offs_n[:, None] * P + offs_p[None, :]
-    state = tl.load(state_ptr)
+    s0, s1, s2 = _state_tiles(STATE_IN + (pid_bh * NUM_BLOCKS + pid_block) * (N * P), S, N, P)
     first = pid_block * CHUNKS_PER_BLOCK
     last = tl.minimum(first + CHUNKS_PER_BLOCK, NUM_CHUNKS)
     for chunk in range(first, last):
-        t = chunk * CHUNK + offs_t
-        a_log = tl.load(ALOG + scalar_base + t)
-        w = tl.load(W + scalar_base + t)
-        g = tl.load(GD + scalar_base + t)
-        cs = tl.cumsum(a_log, axis=0)
-        chunk_total = tl.sum(a_log, axis=0)
-        qk_offs = qk_base + t[:, None] * (G * N) + mem_n[None, :]
+        t, m = _token_rows(chunk, L, rev, CHUNK)
+        w, g, cs, chunk_total = _decays(ALOG, W, GD, scalar_base, t)
         if ROTATE:
-            cos, sin, dt, pt = _angles(DT, PT, PHI0, scalar_base, pt_base, phi0_base, chunk, t, S, CHUNK, FAST)
+            cos, sin, dt, pt = _angles(DT, PT, PHI0, scalar_base, pt_base, phi0_base, chunk, t, m, S, FAST)
         else:
             cos = 0.0
             sin = 0.0
-        q_wide = _load_key(Cq, qk_offs, QBIAS, bias_base, mem_n, cos, sin, HAS_BIAS, ROTATE, CHUNK, N)
-        k_wide = _load_key(Bk, qk_offs, KBIAS, bias_base, mem_n, cos, sin, HAS_BIAS, ROTATE, CHUNK, N)
-        q = q_wide.to(X.dtype.element_ty)
-        k = k_wide.to(X.dtype.element_ty)
-        x = tl.load(X + xy_base + t[:, None] * (H * P) + offs_p[None, :])
-        y = _mm(q, state.to(q.dtype), PRECISION, UPCAST) * tl.exp(cs)[:, None]
-        scores = _mm(q, tl.trans(k), PRECISION, UPCAST)
+        key_rows = (batch * L + m) * (G * N) + group * N
+        q0, q1, q2 = _load_key(Cq, key_rows, QBIAS, bias_base, cos, sin, HAS_BIAS, ROTATE, S, N)
+        k0, k1, k2 = _load_key(Bk, key_rows, KBIAS, bias_base, cos, sin, HAS_BIAS, ROTATE, S, N)
+        dtype = X.dtype.element_ty
+        q0, q1, q2, k0, k1, k2 = q0.to(dtype), q1.to(dtype), q2.to(dtype), k0.to(dtype), k1.to(dtype), k2.to(dtype)
+        xy_offs = ((batch * L + m) * H + head)[:, None] * P + offs_p[None, :]
+        x = tl.load(X + xy_offs)
+        y = _mm3(q0, q1, q2, s0.to(dtype), s1.to(dtype), s2.to(dtype), PRECISION, UPCAST) * tl.exp(cs)[:, None]
+        scores = _mm3(q0, q1, q2, tl.trans(k0), tl.trans(k1), tl.trans(k2), PRECISION, UPCAST)
         decay = tl.exp(tl.minimum(cs[:, None] - cs[None, :], 0.0))
         weight = tl.where(below, decay * w[None, :], tl.where(diagonal, g[:, None], 0.0))
-        y += _mm((scores * weight).to(x.dtype), x, PRECISION, UPCAST)
-        tl.store(Y + xy_base + t[:, None] * (H * P) + offs_p[None, :], y.to(Y.dtype.element_ty))
-        k_to_end = (k * (tl.exp(chunk_total - cs) * w)[:, None]).to(k.dtype)
-        state = state * tl.exp(chunk_total) + _mm(tl.trans(k_to_end), x, PRECISION, UPCAST)
+        y += _mm((scores * weight).to(dtype), x, PRECISION, UPCAST)
+        if HAS_D:
+            y += tl.load(DSKIP + head) * x.to(tl.float32)
+        tl.store(Y + xy_offs, y.to(Y.dtype.element_ty))
+        to_end = (tl.exp(chunk_total - cs) * w)[:, None]
+        s0 = s0 * tl.exp(chunk_total) + _mm(tl.trans((k0 * to_end).to(dtype)), x, PRECISION, UPCAST)
+        s1 = s1 * tl.exp(chunk_total) + _mm(tl.trans((k1 * to_end).to(dtype)), x, PRECISION, UPCAST)
+        s2 = s2 * tl.exp(chunk_total) + _mm(tl.trans((k2 * to_end).to(dtype)), x, PRECISION, UPCAST)
 
 
 @triton.jit
 def _chunk_dq_kernel(
     Cq, Bk, X, DY, ALOG, W, GD, STATE_IN, DQ, QDQ, QBIAS, KBIAS, DT, PT, PHI0, DPHI, DQBIAS,
-    L, H: tl.constexpr, G: tl.constexpr, NUM_CHUNKS, CHUNKS_PER_BLOCK, NUM_BLOCKS,
+    L, H: tl.constexpr, G: tl.constexpr, H_FWD, NUM_CHUNKS, CHUNKS_PER_BLOCK, NUM_BLOCKS,
     N: tl.constexpr, P: tl.constexpr, CHUNK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BATCH_PER_BIAS, S: tl.constexpr, HAS_BIAS: tl.constexpr, ROTATE: tl.constexpr, FAST: tl.constexpr,
 ):
     """dC per head (B, L, H, N) (unrotated: the gradient of the biased, unrotated C), ``C̄_t·dC̄_t`` without its
-    diagonal term (B, H, L), and with rotation the C side of dφ (B, H, L, S); walking chunks forward."""
-    pid_block = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
-    batch = pid_bh // H
-    head = pid_bh % H
-    group = head // (H // G)
+    diagonal term (B, H, L, scan order), and with rotation the C side of dφ (B, H, L, S) (memory order); walking
+    chunks forward."""
+    pid_block, pid_bh, batch, head, group, rev, scalar_base, bias_base, pt_base, phi0_base = _program_ids(
+        H, G, H_FWD, BATCH_PER_BIAS, L, NUM_CHUNKS, S, N)
     offs_t = tl.arange(0, CHUNK)
-    offs_n = tl.arange(0, N)
-    mem_n = _state_order(N, S, ROTATE)
     offs_p = tl.arange(0, P)
-    qk_base = batch * L * G * N + group * N
-    xy_base = batch * L * H * P + head * P
-    bias_base = ((batch // BATCH_PER_BIAS) * H + head) * N
-    pt_base = batch * L * S
-    phi0_base = pid_bh * NUM_CHUNKS * S
-    dq_base = batch * L * H * N + head * N
-    scalar_base = pid_bh * L
     below = offs_t[:, None] > offs_t[None, :]
     diagonal = offs_t[:, None] == offs_t[None, :]
-    state_ptr = STATE_IN + (pid_bh * NUM_BLOCKS + pid_block) * (N * P) + offs_n[:, None] * P + offs_p[None, :]
-    state = tl.load(state_ptr)
-    bias_grad = tl.zeros((N,), dtype=tl.float32)
+    s0, s1, s2 = _state_tiles(STATE_IN + (pid_bh * NUM_BLOCKS + pid_block) * (N * P), S, N, P)
+    bias0 = tl.zeros((S,), dtype=tl.float32)
+    bias1 = tl.zeros((S,), dtype=tl.float32)
+    bias2 = tl.zeros((N // 2,), dtype=tl.float32)
     first = pid_block * CHUNKS_PER_BLOCK
     last = tl.minimum(first + CHUNKS_PER_BLOCK, NUM_CHUNKS)
     for chunk in range(first, last):
-        t = chunk * CHUNK + offs_t
-        a_log = tl.load(ALOG + scalar_base + t)
-        w = tl.load(W + scalar_base + t)
-        g = tl.load(GD + scalar_base + t)
-        cs = tl.cumsum(a_log, axis=0)
-        chunk_total = tl.sum(a_log, axis=0)
-        qk_offs = qk_base + t[:, None] * (G * N) + mem_n[None, :]
+        t, m = _token_rows(chunk, L, rev, CHUNK)
+        w, g, cs, chunk_total = _decays(ALOG, W, GD, scalar_base, t)
         if ROTATE:
-            cos, sin, dt, pt = _angles(DT, PT, PHI0, scalar_base, pt_base, phi0_base, chunk, t, S, CHUNK, FAST)
+            cos, sin, dt, pt = _angles(DT, PT, PHI0, scalar_base, pt_base, phi0_base, chunk, t, m, S, FAST)
         else:
             cos = 0.0
             sin = 0.0
-        q_wide = _load_key(Cq, qk_offs, QBIAS, bias_base, mem_n, cos, sin, HAS_BIAS, ROTATE, CHUNK, N)
-        k_wide = _load_key(Bk, qk_offs, KBIAS, bias_base, mem_n, cos, sin, HAS_BIAS, ROTATE, CHUNK, N)
-        q = q_wide.to(X.dtype.element_ty)
-        k = k_wide.to(X.dtype.element_ty)
-        xy_offs = xy_base + t[:, None] * (H * P) + offs_p[None, :]
+        key_rows = (batch * L + m) * (G * N) + group * N
+        qw0, qw1, qw2 = _load_key(Cq, key_rows, QBIAS, bias_base, cos, sin, HAS_BIAS, ROTATE, S, N)
+        k0, k1, k2 = _load_key(Bk, key_rows, KBIAS, bias_base, cos, sin, HAS_BIAS, ROTATE, S, N)
+        dtype = X.dtype.element_ty
+        k0, k1, k2 = k0.to(dtype), k1.to(dtype), k2.to(dtype)
+        xy_offs = ((batch * L + m) * H + head)[:, None] * P + offs_p[None, :]
         x = tl.load(X + xy_offs)
         dy = tl.load(DY + xy_offs)
-        dq = _mm(dy, tl.trans(state).to(dy.dtype), PRECISION, UPCAST) * tl.exp(cs)[:, None]
+        from_start = tl.exp(cs)[:, None]
+        dq0 = _mm(dy, tl.trans(s0).to(dtype), PRECISION, UPCAST) * from_start
+        dq1 = _mm(dy, tl.trans(s1).to(dtype), PRECISION, UPCAST) * from_start
+        dq2 = _mm(dy, tl.trans(s2).to(dtype), PRECISION, UPCAST) * from_start
         dy_x = _mm(dy, tl.trans(x), PRECISION, UPCAST)  # [t, s] = dy_t · x_s
         decay = tl.exp(tl.minimum(cs[:, None] - cs[None, :], 0.0))
-        weight = tl.where(below, decay * w[None, :], 0.0)
-        dq += _mm((dy_x * weight).to(k.dtype), k, PRECISION, UPCAST)
-        q_dq = tl.sum(q.to(tl.float32) * dq, axis=1)
-        x_dy = tl.sum(tl.where(diagonal, dy_x, 0.0), axis=1)
-        dq += (g * x_dy)[:, None] * k.to(tl.float32)
+        weighted = tl.where(below, dy_x * decay * w[None, :], 0.0).to(dtype)
+        dq0 += _mm(weighted, k0, PRECISION, UPCAST)
+        dq1 += _mm(weighted, k1, PRECISION, UPCAST)
+        dq2 += _mm(weighted, k2, PRECISION, UPCAST)
+        # C̄_t·dC̄_t over the off-diagonal part (C̄ in the op's dtype, as the forward used it)
+        q_dq = tl.sum(qw0.to(dtype).to(tl.float32) * dq0, axis=1) + tl.sum(qw1.to(dtype).to(tl.float32) * dq1, axis=1)
+        q_dq += tl.sum(qw2.to(dtype).to(tl.float32) * dq2, axis=1)
+        own = (g * tl.sum(tl.where(diagonal, dy_x, 0.0), axis=1))[:, None]
+        dq0 += own * k0.to(tl.float32)
+        dq1 += own * k1.to(tl.float32)
+        dq2 += own * k2.to(tl.float32)
         if ROTATE:
-            dq, dphi = _unrotate(dq, q_wide, cos, sin, CHUNK, N)
+            dq0, dq1, dphi = _unrotate(dq0, dq1, qw0, qw1, cos, sin)
             offs_j = tl.arange(0, S)
-            tl.store(DPHI + (scalar_base + t[:, None]) * S + offs_j[None, :], dphi)
+            tl.store(DPHI + (pid_bh * L + m[:, None]) * S + offs_j[None, :], dphi)
         if HAS_BIAS:
-            bias_grad += tl.sum(dq, axis=0)
-        tl.store(DQ + dq_base + t[:, None] * (H * N) + mem_n[None, :], dq.to(DQ.dtype.element_ty))
+            bias0 += tl.sum(dq0, axis=0)
+            bias1 += tl.sum(dq1, axis=0)
+            bias2 += tl.sum(dq2, axis=0)
+        _store_key_grad(DQ, ((batch * L + m) * H + head) * N, dq0, dq1, dq2, S, N)
         tl.store(QDQ + scalar_base + t, q_dq)
-        k_to_end = (k * (tl.exp(chunk_total - cs) * w)[:, None]).to(k.dtype)
-        state = state * tl.exp(chunk_total) + _mm(tl.trans(k_to_end), x, PRECISION, UPCAST)
+        to_end = (tl.exp(chunk_total - cs) * w)[:, None]
+        s0 = s0 * tl.exp(chunk_total) + _mm(tl.trans((k0 * to_end).to(dtype)), x, PRECISION, UPCAST)
+        s1 = s1 * tl.exp(chunk_total) + _mm(tl.trans((k1 * to_end).to(dtype)), x, PRECISION, UPCAST)
+        s2 = s2 * tl.exp(chunk_total) + _mm(tl.trans((k2 * to_end).to(dtype)), x, PRECISION, UPCAST)
     if HAS_BIAS:  # this program's share of the bias gradient: (B, H, NUM_BLOCKS, N)
-        tl.store(DQBIAS + (pid_bh * NUM_BLOCKS + pid_block) * N + mem_n, bias_grad)
+        _store_bias_grad(DQBIAS, (pid_bh * NUM_BLOCKS + pid_block) * N, bias0, bias1, bias2, S, N)
 
 
 @triton.jit
 def _chunk_dkdx_kernel(
     Cq, Bk, X, DY, ALOG, W, GD, DSTATE_OUT, DK, DX, DW, DG, QBIAS, KBIAS, DT, PT, PHI0, DPHI, DDT, DPHI0, DKBIAS,
-    L, H: tl.constexpr, G: tl.constexpr, NUM_CHUNKS, CHUNKS_PER_BLOCK, NUM_BLOCKS,
+    DSKIP, DD,
+    L, H: tl.constexpr, G: tl.constexpr, H_FWD, NUM_CHUNKS, CHUNKS_PER_BLOCK, NUM_BLOCKS,
     N: tl.constexpr, P: tl.constexpr, CHUNK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BATCH_PER_BIAS, S: tl.constexpr, HAS_BIAS: tl.constexpr, ROTATE: tl.constexpr, FAST: tl.constexpr,
+    HAS_D: tl.constexpr,
 ):
     """dB per head (B, L, H, N) (unrotated), dx (B, L, H, P), dw and dg (B, H, L), walking the block's chunks backward.
 
     DSTATE_OUT (B, H, NUM_BLOCKS, N, P): ``Σ_{t > block end} e^{cs_t - cs_end} C̄_t dy_tᵀ``.
     With rotation, dφ_t = (C side, read from DPHI) + (B side) gives: DPHI0 (B, H, NUM_CHUNKS, S) = Σ_chunk dφ_t (the
     chunk's start angle), and with E_t = Σ_{t <= r in the chunk} dφ_r: DDT (B, H, L) = Σ_j E_tj π tanh(θ_tj) and
-    DPHI (overwritten) = Δ_t E_t (its sum over heads is the gradient of π tanh(θ)).
+    DPHI (overwritten) = Δ_t E_t (its sum over heads is the gradient of π tanh(θ)). With D: dx += D dy and DD
+    (B, H, NUM_BLOCKS) gets this program's Σ dy·x.
     """
-    pid_block = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
-    batch = pid_bh // H
-    head = pid_bh % H
-    group = head // (H // G)
+    pid_block, pid_bh, batch, head, group, rev, scalar_base, bias_base, pt_base, phi0_base = _program_ids(
+        H, G, H_FWD, BATCH_PER_BIAS, L, NUM_CHUNKS, S, N)
     offs_t = tl.arange(0, CHUNK)
-    offs_n = tl.arange(0, N)
-    mem_n = _state_order(N, S, ROTATE)
     offs_p = tl.arange(0, P)
-    qk_base = batch * L * G * N + group * N
-    xy_base = batch * L * H * P + head * P
-    bias_base = ((batch // BATCH_PER_BIAS) * H + head) * N
-    pt_base = batch * L * S
-    phi0_base = pid_bh * NUM_CHUNKS * S
-    dk_base = batch * L * H * N + head * N
-    scalar_base = pid_bh * L
     above = offs_t[None, :] > offs_t[:, None]  # [s, t]: t > s
     diagonal = offs_t[:, None] == offs_t[None, :]
-    dstate_ptr = DSTATE_OUT + (pid_bh * NUM_BLOCKS + pid_block) * (N * P) + offs_n[:, None] * P + offs_p[None, :]
-    dstate = tl.load(dstate_ptr)
-    bias_grad = tl.zeros((N,), dtype=tl.float32)
+    ds0, ds1, ds2 = _state_tiles(DSTATE_OUT + (pid_bh * NUM_BLOCKS + pid_block) * (N * P), S, N, P)
+    bias0 = tl.zeros((S,), dtype=tl.float32)
+    bias1 = tl.zeros((S,), dtype=tl.float32)
+    bias2 = tl.zeros((N // 2,), dtype=tl.float32)
+    d_skip = tl.sum(tl.zeros((CHUNK,), dtype=tl.float32), axis=0)
     first = pid_block * CHUNKS_PER_BLOCK
     last = tl.minimum(first + CHUNKS_PER_BLOCK, NUM_CHUNKS)
     for step in range(0, last - first):
         chunk = last - 1 - step
-        t = chunk * CHUNK + offs_t
-        a_log = tl.load(ALOG + scalar_base + t)
-        w = tl.load(W + scalar_base + t)
-        g = tl.load(GD + scalar_base + t)
-        cs = tl.cumsum(a_log, axis=0)
-        chunk_total = tl.sum(a_log, axis=0)
-        qk_offs = qk_base + t[:, None] * (G * N) + mem_n[None, :]
+        t, m = _token_rows(chunk, L, rev, CHUNK)
+        w, g, cs, chunk_total = _decays(ALOG, W, GD, scalar_base, t)
         if ROTATE:
-            cos, sin, dt, pt = _angles(DT, PT, PHI0, scalar_base, pt_base, phi0_base, chunk, t, S, CHUNK, FAST)
+            cos, sin, dt, pt = _angles(DT, PT, PHI0, scalar_base, pt_base, phi0_base, chunk, t, m, S, FAST)
         else:
             cos = 0.0
             sin = 0.0
-        q_wide = _load_key(Cq, qk_offs, QBIAS, bias_base, mem_n, cos, sin, HAS_BIAS, ROTATE, CHUNK, N)
-        k_wide = _load_key(Bk, qk_offs, KBIAS, bias_base, mem_n, cos, sin, HAS_BIAS, ROTATE, CHUNK, N)
-        q = q_wide.to(X.dtype.element_ty)
-        k = k_wide.to(X.dtype.element_ty)
-        xy_offs = xy_base + t[:, None] * (H * P) + offs_p[None, :]
+        key_rows = (batch * L + m) * (G * N) + group * N
+        q0, q1, q2 = _load_key(Cq, key_rows, QBIAS, bias_base, cos, sin, HAS_BIAS, ROTATE, S, N)
+        kw0, kw1, kw2 = _load_key(Bk, key_rows, KBIAS, bias_base, cos, sin, HAS_BIAS, ROTATE, S, N)
+        dtype = X.dtype.element_ty
+        q0, q1, q2 = q0.to(dtype), q1.to(dtype), q2.to(dtype)
+        k0, k1, k2 = kw0.to(dtype), kw1.to(dtype), kw2.to(dtype)
+        xy_offs = ((batch * L + m) * H + head)[:, None] * P + offs_p[None, :]
         x = tl.load(X + xy_offs)
         dy = tl.load(DY + xy_offs)
         to_end = tl.exp(chunk_total - cs)
-        dk_raw = _mm(x, tl.trans(dstate).to(x.dtype), PRECISION, UPCAST) * to_end[:, None]
-        dx = _mm(k, dstate.to(k.dtype), PRECISION, UPCAST) * (to_end * w)[:, None]
-        k_q = _mm(k, tl.trans(q), PRECISION, UPCAST)  # [s, t] = B̄_s · C̄_t
+        dk0 = _mm(x, tl.trans(ds0).to(dtype), PRECISION, UPCAST) * to_end[:, None]
+        dk1 = _mm(x, tl.trans(ds1).to(dtype), PRECISION, UPCAST) * to_end[:, None]
+        dk2 = _mm(x, tl.trans(ds2).to(dtype), PRECISION, UPCAST) * to_end[:, None]
+        dx = _mm3(k0, k1, k2, ds0.to(dtype), ds1.to(dtype), ds2.to(dtype), PRECISION, UPCAST) * (to_end * w)[:, None]
+        k_q = _mm3(k0, k1, k2, tl.trans(q0), tl.trans(q1), tl.trans(q2), PRECISION, UPCAST)  # [s, t] = B̄_s · C̄_t
         x_dy = _mm(x, tl.trans(dy), PRECISION, UPCAST)  # [s, t] = x_s · dy_t
         decay = tl.where(above, tl.exp(tl.minimum(cs[None, :] - cs[:, None], 0.0)), 0.0)
         weight = decay * w[:, None] + tl.where(diagonal, g[:, None], 0.0)
-        dx += _mm((k_q * weight).to(dy.dtype), dy, PRECISION, UPCAST)
-        dk_raw += _mm((x_dy * decay).to(q.dtype), q, PRECISION, UPCAST)
+        dx += _mm((k_q * weight).to(dtype), dy, PRECISION, UPCAST)
+        x_dy_decay = (x_dy * decay).to(dtype)
+        dk0 += _mm(x_dy_decay, q0, PRECISION, UPCAST)
+        dk1 += _mm(x_dy_decay, q1, PRECISION, UPCAST)
+        dk2 += _mm(x_dy_decay, q2, PRECISION, UPCAST)
         diag_qk = tl.sum(tl.where(diagonal, k_q, 0.0), axis=1)
         diag_xdy = tl.sum(tl.where(diagonal, x_dy, 0.0), axis=1)
-        dw = tl.sum(dk_raw * k.to(tl.float32), axis=1)
-        dk = dk_raw * w[:, None] + (g * diag_xdy)[:, None] * q.to(tl.float32)
+        dw = tl.sum(dk0 * k0.to(tl.float32), axis=1) + tl.sum(dk1 * k1.to(tl.float32), axis=1)
+        dw += tl.sum(dk2 * k2.to(tl.float32), axis=1)
+        own = (g * diag_xdy)[:, None]
+        dk0 = dk0 * w[:, None] + own * q0.to(tl.float32)
+        dk1 = dk1 * w[:, None] + own * q1.to(tl.float32)
+        dk2 = dk2 * w[:, None] + own * q2.to(tl.float32)
         if ROTATE:
-            dk, dphi = _unrotate(dk, k_wide, cos, sin, CHUNK, N)
+            dk0, dk1, dphi = _unrotate(dk0, dk1, kw0, kw1, cos, sin)
             offs_j = tl.arange(0, S)
-            dphi_offs = (scalar_base + t[:, None]) * S + offs_j[None, :]
+            dphi_offs = (pid_bh * L + m[:, None]) * S + offs_j[None, :]
             dphi += tl.load(DPHI + dphi_offs)
             chunk_dphi = tl.sum(dphi, axis=0)
             suffix = chunk_dphi[None, :] - tl.cumsum(dphi, axis=0) + dphi
@@ -427,15 +459,24 @@ def _chunk_dkdx_kernel(
             tl.store(DDT + scalar_base + t, tl.sum(suffix * pt, axis=1))
             tl.store(DPHI + dphi_offs, suffix * dt[:, None])
         if HAS_BIAS:
-            bias_grad += tl.sum(dk, axis=0)
-        tl.store(DK + dk_base + t[:, None] * (H * N) + mem_n[None, :], dk.to(DK.dtype.element_ty))
+            bias0 += tl.sum(dk0, axis=0)
+            bias1 += tl.sum(dk1, axis=0)
+            bias2 += tl.sum(dk2, axis=0)
+        if HAS_D:
+            dx += tl.load(DSKIP + head) * dy.to(tl.float32)
+            d_skip += tl.sum(tl.sum(dy.to(tl.float32) * x.to(tl.float32), axis=1), axis=0)
+        _store_key_grad(DK, ((batch * L + m) * H + head) * N, dk0, dk1, dk2, S, N)
         tl.store(DX + xy_offs, dx.to(DX.dtype.element_ty))
         tl.store(DW + scalar_base + t, dw)
         tl.store(DG + scalar_base + t, diag_qk * diag_xdy)
-        q_from_start = (q * tl.exp(cs)[:, None]).to(q.dtype)
-        dstate = dstate * tl.exp(chunk_total) + _mm(tl.trans(q_from_start), dy, PRECISION, UPCAST)
+        from_start = tl.exp(cs)[:, None]
+        ds0 = ds0 * tl.exp(chunk_total) + _mm(tl.trans((q0 * from_start).to(dtype)), dy, PRECISION, UPCAST)
+        ds1 = ds1 * tl.exp(chunk_total) + _mm(tl.trans((q1 * from_start).to(dtype)), dy, PRECISION, UPCAST)
+        ds2 = ds2 * tl.exp(chunk_total) + _mm(tl.trans((q2 * from_start).to(dtype)), dy, PRECISION, UPCAST)
     if HAS_BIAS:
-        tl.store(DKBIAS + (pid_bh * NUM_BLOCKS + pid_block) * N + mem_n, bias_grad)
+        _store_bias_grad(DKBIAS, (pid_bh * NUM_BLOCKS + pid_block) * N, bias0, bias1, bias2, S, N)
+    if HAS_D:
+        tl.store(DD + pid_bh * NUM_BLOCKS + pid_block, d_skip)
 
 
 def _num_blocks(num_chunks: int, batch_heads: int, target_programs: int) -> tuple[int, int]:
@@ -446,29 +487,32 @@ def _num_blocks(num_chunks: int, batch_heads: int, target_programs: int) -> tupl
 
 
 class _Mamba3ScanCore(torch.autograd.Function):
-    """y = quadratic form of (C̄, B̄, x, log-decay, w, g) with C̄, B̄ built in-kernel; inputs as in ``mamba3_scan``.
+    """y = quadratic form of (C̄, B̄, x, log-decay, w, g) (+ D x) with C̄, B̄ built in-kernel; inputs as in
+    ``mamba3_scan``, padded to whole chunks.
 
-    q, k (B, L, G, N) in x's dtype (unbiased, unrotated); a_log, w, g, dt (B, H, L) fp32; pt = π tanh(θ) (B, L, S)
-    fp32 and phi0 (B, H, L / CHUNK, S) fp32 (each chunk's starting angle) or None (no rotation); q_bias, k_bias
-    (NB, H, N) fp32 or None (batch row b uses bias row b // (B / NB)).
+    q, k (B, L, G, N) in x's dtype (unbiased, unrotated); a_log, w, g, dt (B, H, L) fp32 in each head's scan order;
+    pt = π tanh(θ) (B, L, S) fp32 (memory order) and phi0 (B, H, L / CHUNK, S) fp32 (each chunk's starting angle,
+    scan order) or None (no rotation); q_bias, k_bias (NB, H, N) fp32 or None (batch row b uses bias row
+    b // (B / NB)); d_skip (H,) fp32 or None; heads >= ``fwd_heads`` scan right to left.
     """
 
     @staticmethod
-    def forward(ctx, q, k, x, a_log, w, g, dt, pt, phi0, q_bias, k_bias, chunk_size, target_programs, num_warps,
-                bwd_num_warps):
+    def forward(ctx, q, k, x, a_log, w, g, dt, pt, phi0, q_bias, k_bias, d_skip, fwd_heads, chunk_size, launch):
         batch, length, heads, headdim = x.shape
         groups, state_dim = q.shape[2], q.shape[3]
         num_chunks = length // chunk_size
+        target_programs, num_warps, bwd_num_warps = launch
         per_block, num_blocks = _num_blocks(num_chunks, batch * heads, target_programs)
         precision = "ieee" if x.dtype == torch.float32 else "tf32"
-        rotate, has_bias = pt is not None, q_bias is not None
-        dims = dict(L=length, H=heads, G=groups, NUM_CHUNKS=num_chunks, CHUNKS_PER_BLOCK=per_block,
+        rotate, has_bias, has_d = pt is not None, q_bias is not None, d_skip is not None
+        dims = dict(L=length, H=heads, G=groups, H_FWD=fwd_heads, NUM_CHUNKS=num_chunks, CHUNKS_PER_BLOCK=per_block,
                     NUM_BLOCKS=num_blocks, N=state_dim, P=headdim, CHUNK=chunk_size, PRECISION=precision,
                     UPCAST=_INTERPRETED, BATCH_PER_BIAS=batch // q_bias.shape[0] if has_bias else 1,
-                    S=pt.shape[2] if rotate else 1, HAS_BIAS=has_bias, ROTATE=rotate, FAST=not _INTERPRETED)
+                    S=state_dim // 4, HAS_BIAS=has_bias, ROTATE=rotate, FAST=not _INTERPRETED)
         dummy = a_log
         rot_args = (dt, pt, phi0) if rotate else (dummy, dummy, dummy)
         qb, kb = (q_bias, k_bias) if has_bias else (dummy, dummy)
+        d_arg = d_skip if has_d else dummy
         grid = (num_blocks, batch * heads)
         state_in = torch.empty(batch, heads, num_blocks, state_dim, headdim, device=x.device, dtype=torch.float32)
         if num_blocks > 1:
@@ -479,15 +523,16 @@ class _Mamba3ScanCore(torch.autograd.Function):
         else:
             state_in.zero_()
         y = torch.empty_like(x)
-        _chunk_forward_kernel[grid](q, k, x, a_log, w, g, state_in, y, qb, kb, *rot_args, num_warps=num_warps, **dims)
-        ctx.save_for_backward(q, k, x, a_log, w, g, state_in, *rot_args, qb, kb)
-        ctx.launch = (grid, dims, bwd_num_warps)
+        _chunk_forward_kernel[grid](q, k, x, a_log, w, g, state_in, y, qb, kb, *rot_args, d_arg, HAS_D=has_d,
+                                    num_warps=num_warps, **dims)
+        ctx.save_for_backward(q, k, x, a_log, w, g, state_in, *rot_args, qb, kb, d_arg)
+        ctx.launch = (grid, dims, bwd_num_warps, has_d)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        q, k, x, a_log, w, g, state_in, dt, pt, phi0, qb, kb = ctx.saved_tensors
-        grid, dims, bwd_warps = ctx.launch
+        q, k, x, a_log, w, g, state_in, dt, pt, phi0, qb, kb, d_arg = ctx.saved_tensors
+        grid, dims, bwd_warps, has_d = ctx.launch
         rotate, has_bias = dims["ROTATE"], dims["HAS_BIAS"]
         dy = dy.contiguous().to(x.dtype)
         batch, length, heads, headdim = x.shape
@@ -500,17 +545,14 @@ class _Mamba3ScanCore(torch.autograd.Function):
             _scan_blocks(dstate_out, block_decay, reverse=True)
         else:
             dstate_out.zero_()
-        # per-head gradients of the per-group B and C: x's dtype (bf16 on the GPU: half the bytes of fp32), unless
-        # there is nothing to sum (one head per group, no bias) and q's dtype is kept
+        # per-head gradients of the per-group B and C, in x's dtype (bf16 on the GPU: half the bytes of fp32)
         dq = torch.empty(batch, length, heads, state_dim, device=x.device, dtype=x.dtype)
         dk = torch.empty_like(dq)
         dx = torch.empty_like(x)
         q_dq, dw, dg = (torch.empty_like(a_log) for _ in range(3))
         if rotate:
-            num_angles = dims["S"]
-            dphi = torch.empty(batch, heads, length, num_angles, device=x.device, dtype=torch.float32)
-            ddt = torch.empty_like(a_log)
-            dphi0 = torch.empty_like(phi0)
+            dphi = torch.empty(batch, heads, length, dims["S"], device=x.device, dtype=torch.float32)
+            ddt, dphi0 = torch.empty_like(a_log), torch.empty_like(phi0)
         else:
             dphi = ddt = dphi0 = a_log  # unused
         if has_bias:  # per-program partial sums of the bias gradients
@@ -518,10 +560,12 @@ class _Mamba3ScanCore(torch.autograd.Function):
             dk_bias_part = torch.empty_like(dq_bias_part)
         else:
             dq_bias_part = dk_bias_part = a_log  # unused
+        d_skip_part = torch.empty(batch, heads, num_blocks, device=x.device, dtype=torch.float32) if has_d else a_log
         _chunk_dq_kernel[grid](q, k, x, dy, a_log, w, g, state_in, dq, q_dq, qb, kb, dt, pt, phi0, dphi,
                                dq_bias_part, num_warps=bwd_warps, **dims)
         _chunk_dkdx_kernel[grid](q, k, x, dy, a_log, w, g, dstate_out, dk, dx, dw, dg, qb, kb, dt, pt, phi0, dphi,
-                                 ddt, dphi0, dk_bias_part, num_warps=bwd_warps, **dims)
+                                 ddt, dphi0, dk_bias_part, d_arg, d_skip_part, HAS_D=has_d, num_warps=bwd_warps,
+                                 **dims)
         d_cs = q_dq - w * dw
         d_alog = torch.flip(torch.cumsum(torch.flip(d_cs, (-1,)), -1), (-1,))
         d_qbias = d_kbias = None
@@ -535,8 +579,9 @@ class _Mamba3ScanCore(torch.autograd.Function):
         d_pt = dphi.sum(1) if rotate else None
         if not rotate:
             ddt = dphi0 = None
-        return (dq.to(q.dtype), dk.to(k.dtype), dx, d_alog, dw, dg, ddt, d_pt, dphi0, d_qbias, d_kbias,
-                None, None, None, None)
+        d_d = d_skip_part.sum((0, 2)) if has_d else None
+        return (dq.to(q.dtype), dk.to(k.dtype), dx, d_alog, dw, dg, ddt, d_pt, dphi0, d_qbias, d_kbias, d_d,
+                None, None, None)
 
 
 def _scan_blocks(state: torch.Tensor, block_decay: torch.Tensor, reverse: bool) -> None:
@@ -549,7 +594,7 @@ def _scan_blocks(state: torch.Tensor, block_decay: torch.Tensor, reverse: bool) 
     )
 
 
-def _check_shapes(x, dt, Bm, Cm, chunk_size):
+def _check_shapes(x, dt, Bm, Cm, chunk_size, reversed_heads):
     batch, length, heads, headdim = x.shape
     if dt.shape != (batch, length, heads):
         raise ValueError(f"mamba3_scan: dt has shape {tuple(dt.shape)} (expected {(batch, length, heads)})")
@@ -558,33 +603,54 @@ def _check_shapes(x, dt, Bm, Cm, chunk_size):
             f"mamba3_scan: Bm {tuple(Bm.shape)} / Cm {tuple(Cm.shape)} must both be (B, L, G, N) with G dividing "
             f"H={heads}"
         )
-    for name, size in (("headdim", headdim), ("d_state", Bm.shape[3]), ("chunk_size", chunk_size)):
+    for name, size in (("headdim", headdim), ("chunk_size", chunk_size)):
         if size < 16 or size & (size - 1):
             raise ValueError(f"mamba3_scan (Triton): {name}={size} must be a power of two >= 16")
+    state_dim = Bm.shape[3]
+    smallest = 16 if _INTERPRETED else 64  # the kernels' dots over the state run on N / 4-wide tiles (tl.dot: >= 16)
+    if state_dim < smallest or state_dim & (state_dim - 1):
+        raise ValueError(f"mamba3_scan (Triton): d_state={state_dim} must be a power of two >= {smallest}")
+    if not 0 <= reversed_heads <= heads:
+        raise ValueError(f"mamba3_scan: reversed_heads={reversed_heads} must be in [0, H={heads}]")
+
+
+def supports(d_state: int, headdim: int, chunk_size: int) -> bool:
+    """Whether the Triton op takes these sizes on the GPU (the layer uses the PyTorch path otherwise)."""
+    return all(size & (size - 1) == 0 for size in (d_state, headdim, chunk_size)) and d_state >= 64 \
+        and headdim >= 16 and chunk_size >= 16
 
 
 # Launch settings used when a call gives none (benchmarks/mamba3.py measured them on an H100; see BENCHMARKS.md).
 LAUNCH_DEFAULTS = dict(target_programs=1024, num_warps=4, bwd_num_warps=8)
 
 
+def _scan_order(v: torch.Tensor, fwd_heads: int) -> torch.Tensor:
+    """(B, H, L) -> each head's scan order: heads >= fwd_heads reversed along L."""
+    if fwd_heads == v.shape[1]:
+        return v
+    return torch.cat((v[:, :fwd_heads], v[:, fwd_heads:].flip(-1)), dim=1)
+
+
 def mamba3_scan(x, dt, A, lam, Bm, Cm, D=None, chunk_size: int = 32, target_programs: int | None = None,
                 num_warps: int | None = None, bwd_num_warps: int | None = None, *, B_bias=None, C_bias=None,
-                theta=None):
+                theta=None, reversed_heads: int = 0):
     """Mamba-3 SISO scan on CUDA (or under TRITON_INTERPRET=1 on CPU). Shapes in the module docstring.
 
     Without ``B_bias``, ``C_bias`` and ``theta``, Bm and Cm are B̄ and C̄ as they are. With them (fused path) Bm and Cm
     are per group and unrotated, and the kernels form ``B̄ = R(φ) (Bm + B_bias)`` per head on the fly:
     B_bias, C_bias (H, N) or (NB, H, N) (batch row b uses row b // (B / NB); both or neither), theta (B, L, S) with
     ``S = N / 4`` rotates pairs (2j, 2j+1), j < S, by ``φ_t = Σ_{r<=t} Δ_r π tanh(θ_r)`` (``cumulative_angles``).
+    ``reversed_heads``: the last that many heads scan the sequence right to left (their outputs are those of the
+    reference run on the flipped sequence, flipped back), in the same launch as the left-to-right heads.
     ``num_warps`` / ``bwd_num_warps``: warps per program of the forward / backward kernels.
     ``target_programs`` sets how many (block, batch*head) programs to aim for (the sequence is cut into that many
     blocks when batch*heads is small). Returns y (B, L, H, P) in x's dtype.
     """
-    _check_shapes(x, dt, Bm, Cm, chunk_size)
-    target_programs = LAUNCH_DEFAULTS["target_programs"] if target_programs is None else target_programs
-    num_warps = LAUNCH_DEFAULTS["num_warps"] if num_warps is None else num_warps
-    bwd_num_warps = LAUNCH_DEFAULTS["bwd_num_warps"] if bwd_num_warps is None else bwd_num_warps
+    _check_shapes(x, dt, Bm, Cm, chunk_size, reversed_heads)
+    launch = tuple(LAUNCH_DEFAULTS[key] if value is None else value for key, value in
+                   (("target_programs", target_programs), ("num_warps", num_warps), ("bwd_num_warps", bwd_num_warps)))
     batch, length, heads, _ = x.shape
+    fwd_heads = heads - reversed_heads
     if (B_bias is None) != (C_bias is None):
         raise ValueError("mamba3_scan: pass both B_bias and C_bias or neither")
     if B_bias is not None:
@@ -598,30 +664,34 @@ def mamba3_scan(x, dt, A, lam, Bm, Cm, D=None, chunk_size: int = 32, target_prog
     if theta is not None and (theta.shape[:2] != (batch, length) or 4 * theta.shape[2] != Bm.shape[3]):
         raise ValueError(f"mamba3_scan: theta {tuple(theta.shape)} must be (B, L, S) = ({batch}, {length}, "
                          f"{Bm.shape[3] // 4}) (S = d_state / 4: the first half of the state rotates)")
-    dt = dt.float()
-    g, w = trapezoid_weights(dt, lam.float())
-    a_log = dt * A.float()
-    Cq, Bk = Cm.to(x.dtype), Bm.to(x.dtype)
+    if D is not None and D.shape != (heads,):
+        raise ValueError(f"mamba3_scan: D has shape {tuple(D.shape)} (expected ({heads},))")
     pad = (-length) % chunk_size
-    xs = x
-    pt = None if theta is None else math.pi * torch.tanh(theta.float())
+    padded = length + pad
+    xs, Cq, Bk = x, Cm.to(x.dtype), Bm.to(x.dtype)
+    # per-head scalars in each head's scan order, (B, H, L) fp32; padding (Δ = 0: no state change) at the memory end
+    dt_s, A_s, lam_s = (_scan_order(F.pad(v.float(), (0, 0, 0, pad)).transpose(1, 2), fwd_heads)
+                        for v in (dt, A, lam))
+    g = lam_s * dt_s
+    w = g + F.pad(((1 - lam_s) * dt_s)[..., 1:], (0, 1))  # trapezoid: w_s = g_s + (1 - λ_{s+1}) Δ_{s+1}
+    a_log = dt_s * A_s
+    pt = phi0 = None
+    if theta is not None:
+        pt = F.pad(math.pi * torch.tanh(theta.float()), (0, 0, 0, pad)).contiguous()  # (B, L, S), memory order
+        num_chunks = padded // chunk_size
+        with torch.autocast(x.device.type, enabled=False):  # angles stay fp32 (bf16 would lose whole turns)
+            turns = []
+            for heads_dt, pt_order in ((dt_s[:, :fwd_heads], pt), (dt_s[:, fwd_heads:], pt.flip(1))):
+                if heads_dt.shape[1]:
+                    turns.append(torch.einsum("bhcq,bcqs->bhcs", heads_dt.unflatten(2, (num_chunks, chunk_size)),
+                                              pt_order.unflatten(1, (num_chunks, chunk_size))))
+            chunk_turn = torch.cat(turns, dim=1)
+            phi0 = (torch.cumsum(chunk_turn, dim=2) - chunk_turn).contiguous()  # angle before each chunk
     if pad:
         pad_tokens = (0, 0, 0, 0, 0, pad)
         xs, Cq, Bk = (F.pad(v, pad_tokens) for v in (x, Cq, Bk))
-        a_log, w, g, dt = (F.pad(v, (0, 0, 0, pad)) for v in (a_log, w, g, dt))
-        pt = None if pt is None else F.pad(pt, (0, 0, 0, pad))
-    scalars = [v.transpose(1, 2).contiguous() for v in (a_log, w, g, dt)]  # (B, H, L)
-    phi0 = None
-    if pt is not None:
-        pt = pt.contiguous()
-        num_chunks = (length + pad) // chunk_size
-        with torch.autocast(x.device.type, enabled=False):  # angles stay fp32 (bf16 would lose whole turns)
-            chunk_turn = torch.einsum("bhcq,bcqs->bhcs", scalars[3].unflatten(2, (num_chunks, chunk_size)),
-                                      pt.unflatten(1, (num_chunks, chunk_size)))
-            phi0 = (torch.cumsum(chunk_turn, dim=2) - chunk_turn).contiguous()  # angle before each chunk
-    y = _Mamba3ScanCore.apply(Cq.contiguous(), Bk.contiguous(), xs.contiguous(), *scalars, pt, phi0, C_bias, B_bias,
-                              chunk_size, target_programs, num_warps, bwd_num_warps)
-    y = y[:, :length]
-    if D is not None:
-        y = y + (D[:, None] * x).to(y.dtype)
-    return y
+    d_skip = None if D is None else D.float()
+    y = _Mamba3ScanCore.apply(Cq.contiguous(), Bk.contiguous(), xs.contiguous(), a_log.contiguous(), w.contiguous(),
+                              g.contiguous(), dt_s.contiguous(), pt, phi0, C_bias, B_bias, d_skip, fwd_heads,
+                              chunk_size, launch)
+    return y[:, :length]

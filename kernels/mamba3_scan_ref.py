@@ -171,10 +171,31 @@ def bias_and_rotate_groups(v: torch.Tensor, bias: torch.Tensor | None, angle: to
     return per_head if angle is None else rotate_pairs(per_head, angle)
 
 
-def scan_fused_ref(x, dt, A, lam, Bm, Cm, D=None, B_bias=None, C_bias=None, theta=None, chunk_size: int = 64):
+def scan_fused_ref(x, dt, A, lam, Bm, Cm, D=None, B_bias=None, C_bias=None, theta=None, chunk_size: int = 64,
+                   reversed_heads: int = 0):
     """The reference of the fused Triton op (``mamba3_scan`` with biases and θ): per-group Bm, Cm (B, L, G, N) get
-    per-head biases and the cumulative rotation, then the chunked scan. Returns y (B, L, H, P) (in x's dtype, wider
-    intermediate), differentiable in everything."""
+    per-head biases and the cumulative rotation, then the chunked scan. The last ``reversed_heads`` heads scan right to
+    left: they are this function run on the flipped sequence, flipped back. Returns y (B, L, H, P) (in x's dtype,
+    wider intermediate), differentiable in everything."""
+    heads = x.shape[2]
+    if reversed_heads:
+        fwd = heads - reversed_heads
+        if B_bias is not None and B_bias.dim() == 2:
+            B_bias, C_bias = B_bias[None], C_bias[None]
+        Bh, Ch = expand_groups(Bm, heads), expand_groups(Cm, heads)
+
+        def part(sl, flip):
+            def cut(v, axis=2):
+                v = v.narrow(axis, sl.start, sl.stop - sl.start)
+                return v.flip(1) if flip and axis == 2 else v
+            y = scan_fused_ref(cut(x), cut(dt), cut(A), cut(lam), cut(Bh), cut(Ch),
+                               None if D is None else D[sl], None if B_bias is None else cut(B_bias, 1),
+                               None if C_bias is None else cut(C_bias, 1),
+                               None if theta is None else (theta.flip(1) if flip else theta), chunk_size)
+            return y.flip(1) if flip else y
+
+        parts = [part(slice(0, fwd), False)] if fwd else []
+        return torch.cat(parts + [part(slice(fwd, heads), True)], dim=2)
     angle = None if theta is None else cumulative_angles(dt, theta)
     wide = torch.promote_types(x.dtype, torch.float32)
     Bh = bias_and_rotate_groups(Bm, B_bias, angle).to(wide)

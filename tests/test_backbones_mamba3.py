@@ -25,6 +25,7 @@ def test_registered():
 
 
 @pytest.mark.parametrize("name,kwargs", [("mamba3", {}), ("mamba3", {"bidirectional": "shared"}),
+                                         ("mamba3", {"bidirectional": "split"}),
                                          ("mamba3", {"mimo_rank": 2}), ("hybrid", {"pattern": "MA"})])
 def test_input_order_does_not_matter(name, kwargs):
     model = small(name, **kwargs)
@@ -38,6 +39,8 @@ def test_input_order_does_not_matter(name, kwargs):
 
 
 @pytest.mark.parametrize("name,kwargs", [("mamba3", {}), ("mamba3", {"bidirectional": "forward"}),
+                                         ("mamba3", {"bidirectional": "split"}),
+                                         ("mamba3", {"bidirectional": "split", "mimo_rank": 2}),
                                          ("hybrid", {"pattern": "AM"})])
 def test_padding_changes_no_real_output(name, kwargs):
     model = small(name, **kwargs)
@@ -83,6 +86,27 @@ def test_forward_direction_is_causal_in_raster_order():
     assert (y_changed[:, 15:] - y[:, 15:]).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("mimo_rank", [1, 2])
+def test_split_heads_scan_left_to_right_and_right_to_left(mimo_rank):
+    """``split``: the first half of the heads only sees tokens up to t, the second half only tokens from t on."""
+    from predictors.backbones.mamba3 import Mamba3Mixer
+
+    torch.manual_seed(0)
+    mixer = Mamba3Mixer(DIM, bidirectional="split", mimo_rank=mimo_rank, **SMALL).eval()
+    mixer.out_proj = torch.nn.Identity()  # keep the per-head channels: (B, L, H * P), heads in order
+    half = mixer.heads // 2 * mixer.headdim
+    x = torch.randn(1, 20, DIM)
+    late, early = x.clone(), x.clone()
+    late[:, 15:] += 1.0
+    early[:, :5] += 1.0
+    with torch.no_grad():
+        y, y_late, y_early = mixer(x), mixer(late), mixer(early)
+    torch.testing.assert_close(y_late[:, :15, :half], y[:, :15, :half], rtol=0, atol=1e-6)
+    assert (y_late[:, :15, half:] - y[:, :15, half:]).abs().max() > 1e-3
+    torch.testing.assert_close(y_early[:, 5:, half:], y[:, 5:, half:], rtol=0, atol=1e-6)
+    assert (y_early[:, 5:, :half] - y[:, 5:, :half]).abs().max() > 1e-3
+
+
 def test_gradients_reach_every_parameter():
     model = small("hybrid", depth=2, pattern="MA").train()
     x, pos = random_tokens()
@@ -103,6 +127,7 @@ def test_hybrid_pattern_expands_to_depth():
         ("hybrid", {"pattern": ""}, "empty"),
         ("mamba3", {"headdim": 24}, "headdim 24"),
         ("mamba3", {"bidirectional": "both"}, "'both'"),
+        ("mamba3", {"bidirectional": "split", "expand": 1, "headdim": 32}, "even number of heads"),
         ("mamba3", {"d_state": 10}, "d_state 10"),
         ("mamba3", {"ngroups": 3}, "ngroups 3"),
         ("mamba3", {"a_init": 0.0}, "a_init 0.0"),

@@ -21,6 +21,8 @@ def compare(dtype_name: str, seed: int) -> dict:
     from kernels.mamba3_scan import mamba3_scan
     from kernels.mamba3_scan_ref import scan_chunked_ref
 
+    if dtype_name.startswith("fused-reversed-"):
+        return compare_fused(dtype_name[len("fused-reversed-"):], seed, reversed_heads=3)
     if dtype_name.startswith("fused-"):
         return compare_fused(dtype_name[len("fused-"):], seed)
     if dtype_name == "layer":
@@ -56,9 +58,10 @@ def compare(dtype_name: str, seed: int) -> dict:
     return {n: ((t - r).norm() / r.norm()).item() for n, r, t in zip(names, reference, triton_out)}
 
 
-def compare_fused(dtype_name: str, seed: int) -> dict:
-    """The fused op (per-group B/C, per-head biases, rotation by cumulative angles, all in-kernel) vs
-    ``scan_fused_ref`` in float64: output and the gradient of every input (biases and θ included)."""
+def compare_fused(dtype_name: str, seed: int, reversed_heads: int = 0) -> dict:
+    """The fused op (per-group B/C, per-head biases, rotation by cumulative angles, D skip, all in-kernel) vs
+    ``scan_fused_ref`` in float64: output and the gradient of every input (biases and θ included). With
+    ``reversed_heads``, the last heads scan right to left in the same launch (the reference flips them)."""
     import torch
 
     from kernels.mamba3_scan import mamba3_scan
@@ -90,8 +93,9 @@ def compare_fused(dtype_name: str, seed: int) -> dict:
         (y.to(cast) * out_grad.to(cast)).sum().backward()
         return [y.detach().double()] + [a.grad.double() for a in args.values()]
 
-    reference = run(scan_fused_ref, torch.float64, chunk_size=16)
-    triton_out = run(mamba3_scan, dtype, chunk_size=16, target_programs=40)  # 5 chunks -> 3 blocks per row
+    reference = run(scan_fused_ref, torch.float64, chunk_size=16, reversed_heads=reversed_heads)
+    # 5 chunks -> 3 blocks per row
+    triton_out = run(mamba3_scan, dtype, chunk_size=16, target_programs=40, reversed_heads=reversed_heads)
     names = ["y"] + ["d" + k for k in inputs]
     return {n: ((t - r).norm() / r.norm()).item() for n, r, t in zip(names, reference, triton_out)}
 
@@ -108,7 +112,7 @@ def compare_layer(seed: int) -> dict:
     torch.set_num_threads(1)
     torch.manual_seed(seed)
     errors = {}
-    for bidirectional in ("separate", "shared"):
+    for bidirectional in ("separate", "shared", "split", "forward"):
         block = mamba3.Mamba3Block(32, mlp_ratio=2.0, d_state=16, headdim=16, chunk_size=16, ngroups=2,
                                    bidirectional=bidirectional)
         for p in block.parameters():
@@ -133,7 +137,8 @@ def compare_layer(seed: int) -> dict:
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 @pytest.mark.parametrize("dtype_name,tolerance", [("float32", 1e-5), ("bfloat16", 2.5e-2), ("fused-float32", 1e-5),
-                                                  ("fused-bfloat16", 2.5e-2), ("layer", 1e-5)])
+                                                  ("fused-bfloat16", 2.5e-2), ("fused-reversed-float32", 1e-5),
+                                                  ("layer", 1e-5)])
 def test_triton_matches_reference_interpreted(dtype_name, tolerance):
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     result = subprocess.run([sys.executable, __file__, dtype_name], env=env, capture_output=True, text=True,

@@ -28,7 +28,7 @@ from kernels.mamba3_scan_ref import cumulative_angles, expand_groups, rotate_pai
 
 from . import register_backbone
 
-_DIRECTIONS = {"forward": 1, "shared": 1, "separate": 2}
+_DIRECTIONS = {"forward": 1, "shared": 1, "separate": 2, "split": 1}
 # Tests set this (with TRITON_INTERPRET=1) to run the fused Triton op on CPU tensors.
 USE_TRITON_ON_CPU = False
 
@@ -40,12 +40,26 @@ def bias_and_rotate(v: torch.Tensor, bias: torch.Tensor, angle: torch.Tensor | N
     return (v if angle is None else rotate_pairs(v, angle)).to(dtype)
 
 
-def scan_reference(x, dt, A, lam, Bn, Cn, B_bias, C_bias, theta, heads: int, chunk_size: int) -> torch.Tensor:
+def scan_reference(x, dt, A, lam, Bn, Cn, B_bias, C_bias, theta, heads: int, chunk_size: int,
+                   reversed_heads: int = 0) -> torch.Tensor:
     """The PyTorch path (CPU, MIMO; the ground truth of the fused kernel): per-head bias + rotation, chunked scan.
 
     x (B, L, H, R, P) or (B, L, H, P); Bn, Cn (B, L, G, R, N) normalised; B_bias, C_bias (B, H, R, N); theta
-    (B, L, S) or None.
+    (B, L, S) or None. The last ``reversed_heads`` heads scan right to left (run on the flipped sequence).
     """
+    if reversed_heads:
+        fwd = heads - reversed_heads
+        Bh, Ch = expand_groups(Bn, heads), expand_groups(Cn, heads)
+
+        def part(lo, hi, flip):
+            def cut(v, axis=2):
+                v = v[:, :, lo:hi] if axis == 2 else v[:, lo:hi]
+                return v.flip(1) if flip and axis == 2 else v
+            y = scan_reference(cut(x), cut(dt), cut(A), cut(lam), cut(Bh), cut(Ch), cut(B_bias, 1), cut(C_bias, 1),
+                               None if theta is None else (theta.flip(1) if flip else theta), hi - lo, chunk_size)
+            return y.flip(1) if flip else y
+
+        return torch.cat(([part(0, fwd, False)] if fwd else []) + [part(fwd, heads, True)], dim=2)
     angle = cumulative_angles(dt, theta)[:, :, :, None, :] if theta is not None else None  # (B, L, H, 1, S)
     wide = torch.promote_types(x.dtype, torch.float32)
     Bm = bias_and_rotate(expand_groups(Bn.to(wide), heads), B_bias[:, None], angle, x.dtype)
@@ -60,7 +74,9 @@ class Mamba3Mixer(nn.Module):
 
     forward(u (B, L, D), padding (B, L) bool True at padding | None) -> (B, L, D).
     ``bidirectional``: ``"separate"`` (the reversed scan has its own B, C, Δ, A, λ, θ projections and biases),
-    ``"shared"`` (both scans use the same ones: reversing the sequence reverses the output), ``"forward"`` (causal).
+    ``"shared"`` (both scans use the same ones: reversing the sequence reverses the output), ``"split"`` (half of
+    the heads scan left to right, the other half right to left, in one scan of the sequence's cost: the out_proj
+    mixes both halves, so every output sees the whole sequence), ``"forward"`` (causal).
     """
 
     def __init__(
@@ -92,6 +108,8 @@ class Mamba3Mixer(nn.Module):
             raise ValueError(f"mamba3 mimo_rank {mimo_rank} must be >= 1")
         if bidirectional not in _DIRECTIONS:
             raise ValueError(f"mamba3 bidirectional '{bidirectional}' is unknown (expected one of {list(_DIRECTIONS)})")
+        if bidirectional == "split" and heads % 2:
+            raise ValueError(f"mamba3 bidirectional 'split' needs an even number of heads (expand*dim/headdim = {heads})")
         self.inner, self.heads, self.headdim, self.d_state = inner, heads, headdim, d_state
         self.groups, self.rank, self.use_rotation = ngroups, mimo_rank, use_rotation
         self.bidirectional, self.chunk_size, self.a_floor = bidirectional, chunk_size, a_floor
@@ -133,43 +151,75 @@ class Mamba3Mixer(nn.Module):
         return dt, A, lam, Bn, Cn, (theta if self.use_rotation else None)
 
     def forward(self, u: torch.Tensor, padding: torch.Tensor | None = None) -> torch.Tensor:
-        batch, length, _ = u.shape
         proj = self.in_proj(u)
         z, x, per_direction = torch.split(proj, [self.inner, self.inner, proj.shape[-1] - 2 * self.inner], dim=-1)
         x = x.unflatten(-1, (self.heads, self.headdim))
         if padding is not None:
             x = x.masked_fill(padding[..., None, None], 0.0)
+        if self.bidirectional in ("forward", "split"):
+            y = self._scan_heads(x, per_direction, padding)
+        else:
+            y = self._scan_two_directions(x, per_direction, padding)
+        y = y.flatten(2) * F.silu(z)
+        return self.out_proj(y)
+
+    def _fused(self, x: torch.Tensor) -> bool:
+        if not ((x.is_cuda or USE_TRITON_ON_CPU) and self.rank == 1):
+            return False
+        from kernels.mamba3_scan import supports  # imports triton; only needed on CUDA
+
+        return USE_TRITON_ON_CPU or supports(self.d_state, self.headdim, self.chunk_size)
+
+    def _scan_heads(self, x, proj, padding) -> torch.Tensor:
+        """``forward`` and ``split``: one scan call over the heads (the last half right to left for ``split``), D x
+        included. x (B, L, H, P) -> (B, L, H, P)."""
+        dt, A, lam, Bn, Cn, theta = self._direction_inputs(proj, 0, padding, x.dtype)
+        reversed_heads = self.heads // 2 if self.bidirectional == "split" else 0
+        if self._fused(x):
+            from kernels.mamba3_scan import mamba3_scan
+
+            return mamba3_scan(x, dt, A, lam, Bn.squeeze(3), Cn.squeeze(3), self.D, chunk_size=self.chunk_size,
+                               B_bias=self.B_bias[0, :, 0], C_bias=self.C_bias[0, :, 0], theta=theta,
+                               reversed_heads=reversed_heads)
+        batch = x.shape[0]
+        xs = x[:, :, :, None, :] * self.mimo_x.to(x.dtype) if self.rank > 1 else x
+        y = scan_reference(xs, dt, A, lam, Bn, Cn, self.B_bias[[0] * batch], self.C_bias[[0] * batch], theta,
+                           self.heads, self.chunk_size, reversed_heads)
+        if self.rank > 1:
+            y = (y * self.mimo_out.to(y.dtype)).sum(3)
+        return y + self.D.to(y.dtype)[:, None] * x
+
+    def _scan_two_directions(self, x, per_direction, padding) -> torch.Tensor:
+        """``separate`` and ``shared``: every head scans both ways; the reversed stream is the flipped sequence,
+        run as extra batch rows of one scan call. x (B, L, H, P) -> (B, L, H, P) (sum of both, plus D x)."""
+        batch = x.shape[0]
         if self.bidirectional == "separate":
             forward_proj, backward_proj = per_direction.chunk(2, dim=-1)
         else:
             forward_proj = backward_proj = per_direction
-        streams = [(forward_proj, x, padding, 0)]
-        if self.bidirectional != "forward":
-            flip = (lambda v: None if v is None else v.flip(1))
-            streams.append((flip(backward_proj), flip(x), flip(padding), 1 if self.bidirectional == "separate" else 0))
+        flip = (lambda v: None if v is None else v.flip(1))
+        streams = [(forward_proj, x, padding, 0),
+                   (flip(backward_proj), flip(x), flip(padding), 1 if self.bidirectional == "separate" else 0)]
         inputs = [self._direction_inputs(p, d, pad, x.dtype) for p, _, pad, d in streams]
-        xs = torch.cat([s[1] for s in streams], dim=0)  # both directions in one scan call: (ndir*B, L, H, P)
+        xs = torch.cat([s[1] for s in streams], dim=0)  # both directions in one scan call: (2B, L, H, P)
         dt, A, lam, Bn, Cn = (torch.cat(parts, dim=0) for parts in list(zip(*inputs))[:5])
         theta = torch.cat([s[5] for s in inputs], dim=0) if self.use_rotation else None
         bias_rows = [d for _, _, _, d in streams]
-        B_bias, C_bias = self.B_bias[bias_rows], self.C_bias[bias_rows]  # (ndir, H, R, N)
-        # fused Triton op on CUDA: per-group B/C, per-head bias and rotation in-kernel
-        if (xs.is_cuda or USE_TRITON_ON_CPU) and self.rank == 1:
-            from kernels.mamba3_scan import mamba3_scan  # imports triton; only needed on CUDA
+        B_bias, C_bias = self.B_bias[bias_rows], self.C_bias[bias_rows]  # (2, H, R, N)
+        if self._fused(xs):  # fused Triton op: per-group B/C, per-head bias and rotation in-kernel
+            from kernels.mamba3_scan import mamba3_scan
 
             y = mamba3_scan(xs, dt, A, lam, Bn.squeeze(3), Cn.squeeze(3), None, chunk_size=self.chunk_size,
                             B_bias=B_bias.squeeze(2), C_bias=C_bias.squeeze(2), theta=theta)
         else:
             if self.rank > 1:
-                xs = xs[:, :, :, None, :] * self.mimo_x.to(xs.dtype)  # (ndir*B, L, H, R, P)
+                xs = xs[:, :, :, None, :] * self.mimo_x.to(xs.dtype)  # (2B, L, H, R, P)
             y = scan_reference(xs, dt, A, lam, Bn, Cn, B_bias.repeat_interleave(batch, 0),
                                C_bias.repeat_interleave(batch, 0), theta, self.heads, self.chunk_size)
-        if self.rank > 1:
-            y = (y * self.mimo_out.to(y.dtype)).sum(3)
-        y = y[:batch] + (y[batch:].flip(1) if len(streams) == 2 else 0)
-        y = y + self.D.to(y.dtype)[:, None] * x
-        y = y.flatten(2) * F.silu(z)
-        return self.out_proj(y)
+            if self.rank > 1:
+                y = (y * self.mimo_out.to(y.dtype)).sum(3)
+        y = y[:batch] + y[batch:].flip(1)
+        return y + self.D.to(y.dtype)[:, None] * x
 
 
 class Mamba3Block(nn.Module):
