@@ -1,7 +1,7 @@
 """Mamba-3 benchmark (GPU): correctness of the Triton scan, then fwd+bwd time of our op vs the official Mamba-3 SISO
 Triton op vs SDPA flash attention, and whole backbone layers at matched parameters. Prints tables.
 
-    python benchmarks/mamba3.py [--official .whl/mamba_official] [--quick] [--skip check,tune,layers,ops,sweep]
+    python benchmarks/mamba3.py [--official .whl/mamba_official] [--quick] [--skip check,tune,profile,layers,ops,sweep]
 
 Order: correctness (op vs float64 reference, ours vs official, whole block CUDA vs CPU reference), launch-setting
 tuning of the fused op (``tune``: the fastest becomes the default for the rest of the run), layers (with a
@@ -107,18 +107,20 @@ def check_correctness(combined):
     """Triton vs float64 reference (bf16 and fp32 inputs), and ours vs the official op. Prints relative errors."""
     names = ["x", "dt", "A", "trap", "B", "C", "theta", "B_bias", "C_bias", "D"]
     print("\n## correctness (relative L2 error vs float64 reference; grads of every input)")
-    for dtype in (torch.bfloat16, torch.float32):
+    for dtype, rev in ((torch.bfloat16, 0), (torch.float32, 0), (torch.bfloat16, HEADS // 2),
+                       (torch.float32, HEADS // 2)):
         base = op_inputs(2, 1000, seed=1)
         base = {k: (v.to(dtype) if v.dtype == torch.bfloat16 else v) for k, v in base.items()}
         dy = torch.randn(2, 1000, HEADS, HEADDIM, device="cuda")
         results = []
-        for fn, cast in ((lambda i: ours(i, scan_fused_ref, chunk_size=64), torch.float64), (ours, None)):
+        for fn, cast in ((lambda i: ours(i, scan_fused_ref, chunk_size=64, reversed_heads=rev), torch.float64),
+                         (lambda i: ours(i, reversed_heads=rev), None)):
             inp = with_grad({k: (v.to(cast) if cast else v) for k, v in base.items()}, names)
             y = fn(inp)
             (y.double() * dy.double()).sum().backward()
             results.append([y] + [inp[n].grad for n in names])
         errors = {n: rel(t, r) for n, r, t in zip(["y"] + names, *results)}
-        print(f"{str(dtype):15s} " + " ".join(f"{n}={e:.1e}" for n, e in errors.items()))
+        print(f"{str(dtype):15s} reversed heads {rev:2d}: " + " ".join(f"{n}={e:.1e}" for n, e in errors.items()))
     if combined is not None:
         inp = op_inputs(2, 1000, seed=2)
         dy = torch.randn(2, 1000, HEADS, HEADDIM, device="cuda", dtype=torch.bfloat16)
@@ -133,29 +135,31 @@ def check_correctness(combined):
 
 
 def check_layer():
-    """The bidirectional Mamba-3 block on CUDA (fused Triton op, fp32) vs the same block on the CPU (PyTorch reference
-    path): output and every parameter gradient, with padding."""
+    """The Mamba-3 block on CUDA (fused Triton op, fp32) vs the same block on the CPU (PyTorch reference path), per
+    bidirectional mode: output and every parameter gradient, with padding."""
     import copy
 
     from predictors.backbones.mamba3 import Mamba3Block
 
-    torch.manual_seed(3)
-    cpu_block = Mamba3Block(256, mlp_ratio=2.0, chunk_size=32).double().float()
-    for p in cpu_block.parameters():  # move the biases off their init so that their gradients are not all alike
-        p.data += 0.05 * torch.randn_like(p)
-    gpu_block = copy.deepcopy(cpu_block).cuda()
-    x = torch.randn(2, 300, 256)
-    padding = torch.zeros(2, 300, dtype=torch.bool)
-    padding[1, 250:] = True
-    outs = []
-    for block, device in ((cpu_block, "cpu"), (gpu_block, "cuda")):
-        y = block(x.to(device), padding.to(device))
-        (y * torch.linspace(-1, 1, 256, device=device)).sum().backward()
-        outs.append([y.detach().cpu()] + [p.grad.cpu() for p in block.parameters()])
-    names = ["y"] + [n for n, _ in cpu_block.named_parameters()]
-    errors = {n: rel(b, a) for n, a, b in zip(names, *outs)}
-    worst = max(errors, key=errors.get)
-    print(f"layer fused (CUDA fp32) vs reference (CPU): y={errors['y']:.1e}, worst grad {worst}={errors[worst]:.1e}")
+    for mode in ("separate", "split"):
+        torch.manual_seed(3)
+        cpu_block = Mamba3Block(256, mlp_ratio=2.0, chunk_size=32, bidirectional=mode)
+        for p in cpu_block.parameters():  # move the biases off their init so that their gradients are not all alike
+            p.data += 0.05 * torch.randn_like(p)
+        gpu_block = copy.deepcopy(cpu_block).cuda()
+        x = torch.randn(2, 300, 256)
+        padding = torch.zeros(2, 300, dtype=torch.bool)
+        padding[1, 250:] = True
+        outs = []
+        for block, device in ((cpu_block, "cpu"), (gpu_block, "cuda")):
+            y = block(x.to(device), padding.to(device))
+            (y * torch.linspace(-1, 1, 256, device=device)).sum().backward()
+            outs.append([y.detach().cpu()] + [p.grad.cpu() for p in block.parameters()])
+        names = ["y"] + [n for n, _ in cpu_block.named_parameters()]
+        errors = {n: rel(b, a) for n, a, b in zip(names, *outs)}
+        worst = max(errors, key=errors.get)
+        print(f"layer {mode}: fused (CUDA fp32) vs reference (CPU): y={errors['y']:.1e}, worst grad {worst}="
+              f"{errors[worst]:.1e}")
 
 
 def op_cost(length, batch, chunk=32):
@@ -221,20 +225,22 @@ def time_ops(lengths, combined, peaks, sweep):
     return rows
 
 
-def tune_fused(length=8192, batch=16):
-    """Launch settings of the fused op at the layer's shape (both directions of 64K tokens: batch 16 at L = 8K):
-    times each, prints them, and makes the fastest the default (``LAUNCH_DEFAULTS``) for what follows."""
+def tune_fused(length=8192, batch=8):
+    """Launch settings of the fused op at the split layer's shape (64K tokens, half the heads right to left): times
+    each, prints them, and makes the fastest the default (``LAUNCH_DEFAULTS``) for what follows."""
     import kernels.mamba3_scan as scan_module
 
     inp = op_inputs(batch, length, seed=4)
     dy = torch.randn(batch, length, HEADS, HEADDIM, device="cuda", dtype=torch.bfloat16)
     grads = ["x", "B", "C", "dt", "theta", "A", "trap"]
-    print(f"\n## fused op launch settings, L={length}, batch {batch} (ms, fwd+bwd)")
+    print(f"\n## fused op launch settings, L={length}, batch {batch}, 12 of 24 heads right to left (ms, fwd+bwd)")
     best = None
-    for programs, warps, bwd_warps in ((1024, 4, 8), (2048, 4, 8), (1024, 8, 8), (1024, 4, 4), (512, 4, 8)):
+    for programs, warps, bwd_warps in ((1024, 4, 8), (2048, 4, 8), (1024, 4, 4), (2048, 4, 4), (1024, 8, 8),
+                                       (512, 4, 8), (1024, 2, 4)):
         def run():
             i = with_grad(inp, grads)
-            ours(i, target_programs=programs, num_warps=warps, bwd_num_warps=bwd_warps).backward(dy)
+            ours(i, target_programs=programs, num_warps=warps, bwd_num_warps=bwd_warps,
+                 reversed_heads=HEADS // 2).backward(dy)
         try:
             ms = bench_ms(run)
         except Exception as error:  # e.g. out of shared memory: reported, not fatal
@@ -245,6 +251,25 @@ def tune_fused(length=8192, batch=16):
             best = (ms, dict(target_programs=programs, num_warps=warps, bwd_num_warps=bwd_warps))
     scan_module.LAUNCH_DEFAULTS.update(best[1])
     print(f"default for the rest of the run: {best[1]}")
+
+
+def profile_op(length=1024, batch=64, rows=14):
+    """torch.profiler table (CUDA time) of one fwd+bwd of the fused op."""
+    from torch.profiler import ProfilerActivity, profile
+
+    inp = op_inputs(batch, length, seed=5)
+    dy = torch.randn(batch, length, HEADS, HEADDIM, device="cuda", dtype=torch.bfloat16)
+
+    def step():
+        ours(with_grad(inp, ["x", "B", "C", "dt", "theta", "A", "trap"])).backward(dy)
+
+    step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    print(f"\n## profile: fused op fwd+bwd, L={length}, batch {batch}")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=50))
 
 
 def run_scan(pre, dy, **kwargs):
@@ -270,29 +295,31 @@ def profile_layer(layer, x, label, rows=22):
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=60))
 
 
-def time_layers(lengths, profile_at=8192):
-    """Bidirectional Mamba-3 block vs attention block (timm ViT block), dim 768, matched parameters."""
+def time_layers(lengths, profile_at=8192, modes=("separate", "split")):
+    """Bidirectional Mamba-3 blocks (each ``bidirectional`` mode) vs an attention block (timm ViT block), dim 768,
+    matched parameters (the Mamba-3 block's MLP ratio is set so that its parameter count equals the ViT block's)."""
     from predictors.backbones.mamba3 import Mamba3Block
     from predictors.backbones.transformer import TransformerBackbone
 
     dim = 768
     attention = TransformerBackbone(dim, 1, 12).cuda()
     target = sum(p.numel() for p in attention.parameters())
-    probe = Mamba3Block(dim, mlp_ratio=1.0)
-    mixer_params = sum(p.numel() for p in probe.mixer.parameters())
-    mlp_ratio = (target - mixer_params - 4 * dim - dim) / (2 * dim * dim + dim)
-    mamba = Mamba3Block(dim, mlp_ratio=mlp_ratio).cuda()
-    params = (target, sum(p.numel() for p in mamba.parameters()))
-    print(f"\n## layers fwd+bwd, dim 768, bf16 autocast, 64K tokens/step; params: attention {params[0] / 1e6:.2f}M, "
-          f"mamba3 (bidirectional, mlp_ratio {mlp_ratio:.2f}) {params[1] / 1e6:.2f}M")
-    print(f"{'L':>6} {'batch':>5} {'attn ms':>8} {'attn Mtok/s':>11} {'attn GiB':>8} {'mamba3 ms':>9} "
-          f"{'m3 Mtok/s':>9} {'m3 GiB':>6}")
+    layers = {"attention": attention}
+    for mode in modes:
+        probe = Mamba3Block(dim, mlp_ratio=1.0, bidirectional=mode)
+        mixer_params = sum(p.numel() for p in probe.mixer.parameters())
+        mlp_ratio = (target - mixer_params - 4 * dim - dim) / (2 * dim * dim + dim)
+        layers[mode] = Mamba3Block(dim, mlp_ratio=mlp_ratio, bidirectional=mode).cuda()
+        print(f"mamba3 {mode}: mlp_ratio {mlp_ratio:.2f}, {sum(p.numel() for p in layers[mode].parameters()) / 1e6:.2f}M "
+              f"parameters (attention {target / 1e6:.2f}M)")
+    print("\n## layers fwd+bwd, dim 768, bf16 autocast, 64K tokens/step: ms / Mtok/s / peak GiB")
+    print(f"{'L':>6} {'batch':>5} " + " ".join(f"{name:>24}" for name in layers))
     for length in lengths:
         batch = TOKENS // length
         x = torch.randn(batch, length, dim, device="cuda", requires_grad=True)
         pos = torch.arange(length, device="cuda").expand(batch, length)
-        results = []
-        for name, layer in (("attention", attention), ("mamba3", mamba)):
+        cells = []
+        for name, layer in layers.items():
             def step():
                 with torch.autocast("cuda", dtype=torch.bfloat16):
                     out = layer(x, pos, None) if name == "attention" else layer(x)
@@ -302,12 +329,10 @@ def time_layers(lengths, profile_at=8192):
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             ms = bench_ms(step, warmup=1, rep=5)
-            results.append((ms, TOKENS / ms / 1e3, torch.cuda.max_memory_allocated() / 2**30))
-        (a_ms, a_tok, a_mem), (m_ms, m_tok, m_mem) = results
-        print(f"{length:>6} {batch:>5} {a_ms:8.2f} {a_tok:11.2f} {a_mem:8.2f} {m_ms:9.2f} {m_tok:9.2f} {m_mem:6.2f}",
-              flush=True)
+            cells.append(f"{ms:8.2f} {TOKENS / ms / 1e3:6.2f} {torch.cuda.max_memory_allocated() / 2**30:6.2f}")
+        print(f"{length:>6} {batch:>5} " + " ".join(f"{c:>24}" for c in cells), flush=True)
         if length == profile_at:
-            profile_layer(mamba, x, f"mamba3 block, L={length}, batch {batch}")
+            profile_layer(layers[modes[-1]], x, f"mamba3 {modes[-1]} block, L={length}, batch {batch}")
         del x
         torch.cuda.empty_cache()
 
@@ -337,7 +362,7 @@ def main():
     parser.add_argument("--official", default=".whl/mamba_official")
     parser.add_argument("--full-autotune", action="store_true", help="let the official op autotune all its configs")
     parser.add_argument("--quick", action="store_true", help="fewer lengths, no sweep")
-    parser.add_argument("--skip", default="", help="comma list of: check,tune,layers,ops,sweep")
+    parser.add_argument("--skip", default="", help="comma list of: check,tune,profile,layers,ops,sweep")
     args = parser.parse_args()
     skip = set(args.skip.split(","))
     torch.manual_seed(0)
@@ -350,6 +375,8 @@ def main():
         check_layer()
     if "tune" not in skip:
         tune_fused()
+    if "profile" not in skip:
+        profile_op()
     if "layers" not in skip:  # the layer comparison first: it is the open target
         time_layers([1024, 8192, 65536] if args.quick else [1024, 4096, 8192, 16384, 65536])
     lengths = [1024, 65536] if args.quick else [1024, 4096, 16384, 65536]
