@@ -186,12 +186,12 @@ def time_ops(lengths, combined, peaks, sweep):
             i = with_grad(inp, grads)
             fn(i).backward(dy)
 
-        t_ours = bench_ms(lambda: run(ours))
+        t_ours = bench_ms(lambda: run(lambda i: ours(i, chunk_size=CHUNK)))
         angle = cumulative_angles(inp["dt"], inp["theta"])
         pre = dict(x=inp["x"], dt=inp["dt"], A=inp["A"], lam=torch.sigmoid(inp["trap"].float()),
                    Bm=rotate_pairs(inp["B"].float() + inp["B_bias"], angle).bfloat16(),
                    Cm=rotate_pairs(inp["C"].float() + inp["C_bias"], angle).bfloat16(), D=inp["D"])
-        t_scan = bench_ms(lambda: run_scan(pre, dy))
+        t_scan = bench_ms(lambda: run_scan(pre, dy, chunk_size=CHUNK))
         t_official = bench_ms(lambda: run(lambda i: official(i, combined))) if combined is not None else float("nan")
         q, k, v = (torch.randn(batch, HEADS, length, HEADDIM, device="cuda", dtype=torch.bfloat16, requires_grad=True)
                    for _ in range(3))
@@ -225,32 +225,46 @@ def time_ops(lengths, combined, peaks, sweep):
     return rows
 
 
-def tune_fused(length=8192, batch=8):
-    """Launch settings of the fused op at the split layer's shape (64K tokens, half the heads right to left): times
-    each, prints them, and makes the fastest the default (``LAUNCH_DEFAULTS``) for what follows."""
+CHUNK = 32  # chunk size of our op in the timings below; ``tune`` may change it
+
+
+def tune_fused():
+    """Launch settings of the fused op: chunk size, programs, warps (forward / backward kernels) and pipelining
+    stages, timed at L = 1K (batch 64) and at the split layer's shape (L = 8K, batch 8, 12 of 24 heads right to
+    left). The fastest at the layer's shape becomes the default (``LAUNCH_DEFAULTS``, ``CHUNK``) for what follows."""
+    global CHUNK
     import kernels.mamba3_scan as scan_module
 
-    inp = op_inputs(batch, length, seed=4)
-    dy = torch.randn(batch, length, HEADS, HEADDIM, device="cuda", dtype=torch.bfloat16)
+    shapes = [(1024, 64, 0), (8192, 8, HEADS // 2)]
+    data = []
+    for length, batch, rev in shapes:
+        inp = op_inputs(batch, length, seed=4)
+        data.append((inp, torch.randn(batch, length, HEADS, HEADDIM, device="cuda", dtype=torch.bfloat16), rev))
     grads = ["x", "B", "C", "dt", "theta", "A", "trap"]
-    print(f"\n## fused op launch settings, L={length}, batch {batch}, 12 of 24 heads right to left (ms, fwd+bwd)")
+    print("\n## fused op launch settings (ms, fwd+bwd): L=1K batch 64 | L=8K batch 8 with 12 heads right to left")
     best = None
-    for programs, warps, bwd_warps in ((1024, 4, 8), (2048, 4, 8), (1024, 4, 4), (2048, 4, 4), (1024, 8, 8),
-                                       (512, 4, 8), (1024, 2, 4)):
-        def run():
-            i = with_grad(inp, grads)
-            ours(i, target_programs=programs, num_warps=warps, bwd_num_warps=bwd_warps,
-                 reversed_heads=HEADS // 2).backward(dy)
-        try:
-            ms = bench_ms(run)
-        except Exception as error:  # e.g. out of shared memory: reported, not fatal
-            print(f"programs {programs} warps {warps}/{bwd_warps}: failed ({type(error).__name__})")
+    configs = ((32, 1024, 4, 8, 1), (32, 2048, 4, 4, 1), (32, 1024, 4, 8, 2), (32, 2048, 4, 4, 2),
+               (32, 2048, 4, 8, 3), (64, 1024, 4, 8, 1), (64, 1024, 8, 8, 1), (64, 512, 4, 8, 2), (16, 2048, 4, 4, 2))
+    for chunk, programs, warps, bwd_warps, stages in configs:
+        launch = dict(target_programs=programs, num_warps=warps, bwd_num_warps=bwd_warps, num_stages=stages)
+        times = []
+        for inp, dy, rev in data:
+            def run():
+                ours(with_grad(inp, grads), chunk_size=chunk, reversed_heads=rev, **launch).backward(dy)
+            try:
+                times.append(bench_ms(run))
+            except Exception as error:  # e.g. out of shared memory: reported, not fatal
+                print(f"chunk {chunk} {launch}: failed ({type(error).__name__}: {str(error)[:80]})")
+                break
+        if len(times) < len(data):
             continue
-        print(f"programs {programs:5d} warps fwd {warps} bwd {bwd_warps}: {ms:7.2f}", flush=True)
-        if best is None or ms < best[0]:
-            best = (ms, dict(target_programs=programs, num_warps=warps, bwd_num_warps=bwd_warps))
-    scan_module.LAUNCH_DEFAULTS.update(best[1])
-    print(f"default for the rest of the run: {best[1]}")
+        print(f"chunk {chunk:3d} programs {programs:5d} warps {warps}/{bwd_warps} stages {stages}: "
+              + " | ".join(f"{ms:7.2f}" for ms in times), flush=True)
+        if best is None or times[-1] < best[0]:
+            best = (times[-1], chunk, launch)
+    CHUNK = best[1]
+    scan_module.LAUNCH_DEFAULTS.update(best[2])
+    print(f"default for the rest of the run: chunk {CHUNK}, {best[2]}")
 
 
 def profile_op(length=1024, batch=64, rows=14):
@@ -261,7 +275,7 @@ def profile_op(length=1024, batch=64, rows=14):
     dy = torch.randn(batch, length, HEADS, HEADDIM, device="cuda", dtype=torch.bfloat16)
 
     def step():
-        ours(with_grad(inp, ["x", "B", "C", "dt", "theta", "A", "trap"])).backward(dy)
+        ours(with_grad(inp, ["x", "B", "C", "dt", "theta", "A", "trap"]), chunk_size=CHUNK).backward(dy)
 
     step()
     torch.cuda.synchronize()
@@ -309,7 +323,7 @@ def time_layers(lengths, profile_at=8192, modes=("separate", "split")):
         probe = Mamba3Block(dim, mlp_ratio=1.0, bidirectional=mode)
         mixer_params = sum(p.numel() for p in probe.mixer.parameters())
         mlp_ratio = (target - mixer_params - 4 * dim - dim) / (2 * dim * dim + dim)
-        layers[mode] = Mamba3Block(dim, mlp_ratio=mlp_ratio, bidirectional=mode).cuda()
+        layers[mode] = Mamba3Block(dim, mlp_ratio=mlp_ratio, bidirectional=mode, chunk_size=CHUNK).cuda()
         print(f"mamba3 {mode}: mlp_ratio {mlp_ratio:.2f}, {sum(p.numel() for p in layers[mode].parameters()) / 1e6:.2f}M "
               f"parameters (attention {target / 1e6:.2f}M)")
     print("\n## layers fwd+bwd, dim 768, bf16 autocast, 64K tokens/step: ms / Mtok/s / peak GiB")

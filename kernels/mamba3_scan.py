@@ -12,9 +12,10 @@ Fused form (what the layer uses): ``Bm``, ``Cm`` stay per group and unrotated, w
 them on the fly, ``B̄_t = R(φ_t) (B_t + bias_h)``, from the cumulative angle ``φ_t = Σ_{r<=t} Δ_r π tanh(θ_r)``
 (per head). The angle is each chunk's starting angle (a tiny (B, H, L / CHUNK, S) tensor from a per-chunk einsum and
 cumsum) plus an in-kernel cumsum; cos/sin use the hardware approximations after reduction to [-π, π] (libdevice
-under the interpreter). The kernels hold B̄, C̄ and the state as three tiles over the state dimension: the first
-members of the rotated pairs, the second members, and the real half (``_load_key``), so the rotation is elementwise
-and cos/sin are computed for the N / 4 angles only; products over the state are sums of three dots. The backward kernels
+under the interpreter). The kernels hold the state dimensions in a permuted order (``_state_order``) so that the
+rotated and unrotated pairs alternate: cos/sin are computed for the N / 4 real angles only. (Holding the pair
+members and the real half as three separate tiles, which makes the rotation elementwise, measured 2x slower on an
+H100: three times the small dots and their operand-layout conversions.) The backward kernels
 un-rotate dB̄, dC̄ in-kernel, write per-head dB, dC (summed over the heads of a group afterwards), per-program sums
 for the bias gradients, and the angle gradients (dφ to dΔ and to π tanh θ through the in-chunk suffix sums).
 ``dt`` is Δ (softplus done, 0 at padding), ``A`` is negative, ``lam`` is λ in [0, 1]. x, Bm and Cm share a
@@ -62,12 +63,6 @@ def _mm(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _mm3(a0, a1, a2, b0, b1, b2, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """Σ_i a_i @ b_i: a product over the state dimension held as its three tiles (see ``_load_key``)."""
-    return _mm(a0, b0, PRECISION, UPCAST) + _mm(a1, b1, PRECISION, UPCAST) + _mm(a2, b2, PRECISION, UPCAST)
-
-
-@triton.jit
 def _cos_sin(phi, FAST: tl.constexpr):
     """cos, sin of fp32 angles of any size. FAST (GPU): reduce to [-π, π] and use the hardware approximations
     (abs. error ~1e-6 there; the reduction's error is that of φ's own fp32 rounding), ~10x cheaper than libdevice."""
@@ -82,107 +77,97 @@ def _cos_sin(phi, FAST: tl.constexpr):
 
 
 @triton.jit
-def _token_rows(chunk, L, rev, CHUNK: tl.constexpr):
-    """Chunk ``chunk`` of a program's scan order -> (t (CHUNK,) positions in scan order, m (CHUNK,) memory rows).
-
-    Right-to-left heads (``rev``) scan the (padded) sequence from its end: position t is memory row L - 1 - t."""
-    t = chunk * CHUNK + tl.arange(0, CHUNK)
-    return t, tl.where(rev, L - 1 - t, t)
-
-
-@triton.jit
-def _decays(ALOG, W, GD, scalar_base, t):
-    """One chunk's trapezoid weights w, g (CHUNK,), cumulative log-decay cs (CHUNK,) and its total (scalar)."""
-    a_log = tl.load(ALOG + scalar_base + t)
-    w = tl.load(W + scalar_base + t)
-    g = tl.load(GD + scalar_base + t)
-    return w, g, tl.cumsum(a_log, axis=0), tl.sum(a_log, axis=0)
-
-
-@triton.jit
-def _angles(DT, PT, PHI0, scalar_base, pt_base, phi0_base, chunk, t, m, S: tl.constexpr, FAST: tl.constexpr):
-    """One chunk's cos, sin (CHUNK, S) of φ_t = φ0[chunk] + Σ_{chunk start <= r <= t} Δ_r π tanh(θ_r) (scan order),
-    its Δ (CHUNK,) and π·tanh(θ) (CHUNK, S)."""
-    offs_j = tl.arange(0, S)
-    dt = tl.load(DT + scalar_base + t)
-    pt = tl.load(PT + pt_base + m[:, None] * S + offs_j[None, :])
-    phi = tl.load(PHI0 + phi0_base + chunk * S + offs_j)[None, :] + tl.cumsum(dt[:, None] * pt, axis=0)
-    cos, sin = _cos_sin(phi, FAST)
-    return cos, sin, dt, pt
-
-
-@triton.jit
-def _load_key(PTR, rows, BIAS, bias_base, cos, sin, HAS_BIAS: tl.constexpr, ROTATE: tl.constexpr,
-              S: tl.constexpr, N: tl.constexpr):
-    """B̄ or C̄ of one chunk as three fp32 tiles: (CHUNK, S) the first members of the rotated pairs (stored dims 2j),
-    (CHUNK, S) the second members (dims 2j + 1), (CHUNK, N / 2) the real half (dims N / 2 ..). ``rows`` (CHUNK,) are
-    the tokens' element offsets. Per-head bias added, pairs rotated by (cos, sin). Keeping the pair members in
-    separate tiles makes the rotation elementwise (no in-register reshapes); products over the state dimension are
-    sums of three dots (``_mm3``)."""
-    offs_s = tl.arange(0, S)
-    offs_h = tl.arange(0, N // 2)
-    first = tl.load(PTR + rows[:, None] + 2 * offs_s[None, :]).to(tl.float32)
-    second = tl.load(PTR + rows[:, None] + 2 * offs_s[None, :] + 1).to(tl.float32)
-    real = tl.load(PTR + rows[:, None] + N // 2 + offs_h[None, :]).to(tl.float32)
-    if HAS_BIAS:
-        first += tl.load(BIAS + bias_base + 2 * offs_s)[None, :]
-        second += tl.load(BIAS + bias_base + 2 * offs_s + 1)[None, :]
-        real += tl.load(BIAS + bias_base + N // 2 + offs_h)[None, :]
+def _state_order(N: tl.constexpr, S: tl.constexpr, ROTATE: tl.constexpr):
+    """(N,) memory index of each state dimension in the kernels' order. With rotation (S = N / 4), the kernels'
+    pair p holds the stored pair p / 2 (rotated by angle p / 2) for even p and pair S + p // 2 (not rotated) for odd
+    p, so that cos/sin are computed for the S rotated pairs only. Dot products do not depend on the order."""
+    m = tl.arange(0, N)
     if ROTATE:
-        first, second = first * cos - second * sin, first * sin + second * cos
-    return first, second, real
+        pair = m // 2
+        stored_pair = tl.where(pair % 2 == 0, pair // 2, S + pair // 2)
+        return 2 * stored_pair + m % 2
+    else:
+        return m
 
 
 @triton.jit
-def _store_key_grad(PTR, rows, d0, d1, d2, S: tl.constexpr, N: tl.constexpr):
-    """Store the three gradient tiles of a key (layout of ``_load_key``) at element offsets ``rows``."""
-    offs_s = tl.arange(0, S)
-    offs_h = tl.arange(0, N // 2)
-    tl.store(PTR + rows[:, None] + 2 * offs_s[None, :], d0.to(PTR.dtype.element_ty))
-    tl.store(PTR + rows[:, None] + 2 * offs_s[None, :] + 1, d1.to(PTR.dtype.element_ty))
-    tl.store(PTR + rows[:, None] + N // 2 + offs_h[None, :], d2.to(PTR.dtype.element_ty))
+def _rotate(v, cos, sin, CHUNK: tl.constexpr, N: tl.constexpr):
+    """Rotate the pairs (2p, 2p+1) of v (CHUNK, N) fp32 by the angles whose cos, sin are (CHUNK, N // 2)."""
+    even, odd = tl.split(tl.reshape(v, (CHUNK, N // 2, 2)))
+    return tl.reshape(tl.join(even * cos - odd * sin, even * sin + odd * cos), (CHUNK, N))
 
 
 @triton.jit
-def _store_bias_grad(PTR, base, d0, d1, d2, S: tl.constexpr, N: tl.constexpr):
-    offs_s = tl.arange(0, S)
-    offs_h = tl.arange(0, N // 2)
-    tl.store(PTR + base + 2 * offs_s, d0)
-    tl.store(PTR + base + 2 * offs_s + 1, d1)
-    tl.store(PTR + base + N // 2 + offs_h, d2)
+def _unrotate(dr, r, cos, sin, CHUNK: tl.constexpr, N: tl.constexpr):
+    """Gradient through ``r = rotate(v, φ)``: dr (CHUNK, N) fp32 -> (dv (CHUNK, N), dφ (CHUNK, N // 4)) (the pairs
+    that rotate: even pairs in the kernels' order)."""
+    d_even, d_odd = tl.split(tl.reshape(dr, (CHUNK, N // 2, 2)))
+    r_even, r_odd = tl.split(tl.reshape(r, (CHUNK, N // 2, 2)))
+    dphi_pairs = d_odd * r_even - d_even * r_odd
+    dv = tl.reshape(tl.join(d_even * cos + d_odd * sin, d_odd * cos - d_even * sin), (CHUNK, N))
+    dphi, _ = tl.split(tl.reshape(dphi_pairs, (CHUNK, N // 4, 2)))
+    return dv, dphi
 
 
 @triton.jit
-def _unrotate(d0, d1, r0, r1, cos, sin):
-    """Gradient through the rotation of a pair tile: d0, d1 the gradients of the rotated members r0, r1 ->
-    (gradients of the unrotated members, dφ (CHUNK, S))."""
-    return d0 * cos + d1 * sin, d1 * cos - d0 * sin, d1 * r0 - d0 * r1
-
-
-@triton.jit
-def _state_tiles(PTR, S: tl.constexpr, N: tl.constexpr, P: tl.constexpr):
-    """Load an (N, P) fp32 state stored as rows [first members (S), second members (S), real half (N / 2)]."""
-    offs_s = tl.arange(0, S)
-    offs_h = tl.arange(0, N // 2)
-    offs_p = tl.arange(0, P)
-    s0 = tl.load(PTR + offs_s[:, None] * P + offs_p[None, :])
-    s1 = tl.load(PTR + (S + offs_s[:, None]) * P + offs_p[None, :])
-    s2 = tl.load(PTR + (2 * S + offs_h[:, None]) * P + offs_p[None, :])
-    return s0, s1, s2
+def _load_key(PTR, rows, BIAS, bias_base, mem_n, cos, sin,
+              HAS_BIAS: tl.constexpr, ROTATE: tl.constexpr, CHUNK: tl.constexpr, N: tl.constexpr):
+    """B̄ or C̄ of one chunk (CHUNK, N) fp32, state dimensions in the kernels' order: the stored per-group vectors at
+    element offsets ``rows`` (CHUNK,), plus the per-head bias, rotated."""
+    v = tl.load(PTR + rows[:, None] + mem_n[None, :]).to(tl.float32)
+    if HAS_BIAS:
+        v += tl.load(BIAS + bias_base + mem_n)[None, :]
+    if ROTATE:
+        v = _rotate(v, cos, sin, CHUNK, N)
+    return v
 
 
 @triton.jit
 def _program_ids(H: tl.constexpr, G: tl.constexpr, H_FWD, BATCH_PER_BIAS, L, NUM_CHUNKS, S: tl.constexpr,
                  N: tl.constexpr):
-    """-> (block, batch*head, batch, head, group, right-to-left?, scalar/bias/θ/start-angle base offsets)."""
+    """-> (block, batch*head, batch, head, group, right-to-left?, base offsets of the (B, H, L) scalars, of the
+    per-head bias row, of θ (B, L, S), of the start angles (B, H, NUM_CHUNKS, S))."""
     pid_block = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
     batch = pid_bh // H
     head = pid_bh % H
     group = head // (H // G)
-    rev = head >= H_FWD
     bias_base = ((batch // BATCH_PER_BIAS) * H + head) * N
-    return pid_block, pid_bh, batch, head, group, rev, pid_bh * L, bias_base, batch * L * S, pid_bh * NUM_CHUNKS * S
+    return (pid_block, pid_bh, batch, head, group, head >= H_FWD, pid_bh * L, bias_base, batch * L * S,
+            pid_bh * NUM_CHUNKS * S)
+
+
+@triton.jit
+def _chunk_inputs(ALOG, W, GD, DT, PT, PHI0, chunk, L, rev, scalar_base, pt_base, phi0_base,
+                  S: tl.constexpr, CHUNK: tl.constexpr, ROTATE: tl.constexpr, FAST: tl.constexpr):
+    """The per-chunk prologue every kernel shares.
+
+    -> t (CHUNK,) positions in the program's scan order, m (CHUNK,) their memory rows (right-to-left heads: row
+    L - 1 - t), w, g (CHUNK,) trapezoid weights, cs (CHUNK,) cumulative log-decay and its total, and with rotation
+    the tables cos, sin (CHUNK, 2 S) of φ_t = φ0[chunk] + Σ_{chunk start <= r <= t} Δ_r π tanh(θ_r) (pair 2j of the
+    kernels' order rotates by angle j, pair 2j + 1 not at all), Δ (CHUNK,) and π·tanh(θ) (CHUNK, S).
+    """
+    t = chunk * CHUNK + tl.arange(0, CHUNK)
+    m = tl.where(rev, L - 1 - t, t)
+    a_log = tl.load(ALOG + scalar_base + t)
+    w = tl.load(W + scalar_base + t)
+    g = tl.load(GD + scalar_base + t)
+    cs = tl.cumsum(a_log, axis=0)
+    total = tl.sum(a_log, axis=0)
+    if ROTATE:
+        offs_j = tl.arange(0, S)
+        dt = tl.load(DT + scalar_base + t)
+        pt = tl.load(PT + pt_base + m[:, None] * S + offs_j[None, :])
+        phi = tl.load(PHI0 + phi0_base + chunk * S + offs_j)[None, :] + tl.cumsum(dt[:, None] * pt, axis=0)
+        cos, sin = _cos_sin(phi, FAST)
+        cos = tl.reshape(tl.join(cos, tl.full((CHUNK, S), 1.0, tl.float32)), (CHUNK, 2 * S))
+        sin = tl.reshape(tl.join(sin, tl.zeros((CHUNK, S), tl.float32)), (CHUNK, 2 * S))
+    else:
+        cos = 0.0
+        sin = 0.0
+        dt = 0.0
+        pt = 0.0
+    return t, m, w, g, cs, total, cos, sin, dt, pt
 
 
 @triton.jit
@@ -191,50 +176,36 @@ def _block_state_kernel(
     L, H: tl.constexpr, G: tl.constexpr, H_FWD, NUM_CHUNKS, CHUNKS_PER_BLOCK, NUM_BLOCKS,
     N: tl.constexpr, P: tl.constexpr, CHUNK: tl.constexpr, REVERSE: tl.constexpr, PRECISION: tl.constexpr,
     UPCAST: tl.constexpr, BATCH_PER_BIAS, S: tl.constexpr, HAS_BIAS: tl.constexpr, ROTATE: tl.constexpr,
-    FAST: tl.constexpr,
+    FAST: tl.constexpr, STAGES: tl.constexpr,
 ):
     """Per (block, batch*head): forward: Σ_s e^{cs_end - cs_s} w_s u_s v_sᵀ; reverse: Σ_t e^{cs_t - cs_start-1} u_t v_tᵀ.
 
-    U (B, L, G, N), V (B, L, H, P), ALOG/W (B, H, L) fp32 -> STATE (B, H, NUM_BLOCKS, N, P) fp32 (rows in the tile
-    order of ``_state_tiles``), BLOCK_DECAY (B, H, NUM_BLOCKS) fp32 (the block's total log-decay).
+    U (B, L, G, N), V (B, L, H, P), ALOG/W (B, H, L) fp32 -> STATE (B, H, NUM_BLOCKS, N, P) fp32, BLOCK_DECAY
+    (B, H, NUM_BLOCKS) fp32 (the block's total log-decay).
     """
     pid_block, pid_bh, batch, head, group, rev, scalar_base, bias_base, pt_base, phi0_base = _program_ids(
         H, G, H_FWD, BATCH_PER_BIAS, L, NUM_CHUNKS, S, N)
+    offs_n = tl.arange(0, N)
+    mem_n = _state_order(N, S, ROTATE)
     offs_p = tl.arange(0, P)
-    acc0 = tl.zeros((S, P), dtype=tl.float32)
-    acc1 = tl.zeros((S, P), dtype=tl.float32)
-    acc2 = tl.zeros((N // 2, P), dtype=tl.float32)
+    acc = tl.zeros((N, P), dtype=tl.float32)
     total = tl.sum(tl.zeros((CHUNK,), dtype=tl.float32), axis=0)
     first = pid_block * CHUNKS_PER_BLOCK
     last = tl.minimum(first + CHUNKS_PER_BLOCK, NUM_CHUNKS)
-    for chunk in range(first, last):
-        t, m = _token_rows(chunk, L, rev, CHUNK)
-        w, g, cs, chunk_total = _decays(ALOG, W, W, scalar_base, t)
-        if ROTATE:
-            cos, sin, dt, pt = _angles(DT, PT, PHI0, scalar_base, pt_base, phi0_base, chunk, t, m, S, FAST)
-        else:
-            cos = 0.0
-            sin = 0.0
-        u0, u1, u2 = _load_key(U, (batch * L + m) * (G * N) + group * N, UBIAS, bias_base, cos, sin, HAS_BIAS,
-                               ROTATE, S, N)
+    for chunk in tl.range(first, last, num_stages=STAGES):
+        t, m, w, g, cs, chunk_total, cos, sin, dt, pt = _chunk_inputs(
+            ALOG, W, W, DT, PT, PHI0, chunk, L, rev, scalar_base, pt_base, phi0_base, S, CHUNK, ROTATE, FAST)
+        u = _load_key(U, (batch * L + m) * (G * N) + group * N, UBIAS, bias_base, mem_n, cos, sin, HAS_BIAS, ROTATE,
+                      CHUNK, N)
         v = tl.load(V + ((batch * L + m) * H + head)[:, None] * P + offs_p[None, :])
         if REVERSE:
-            coef = tl.exp(total + cs)[:, None]
+            acc += _mm(tl.trans((u * tl.exp(total + cs)[:, None]).to(v.dtype)), v, PRECISION, UPCAST)
         else:
-            coef = (tl.exp(chunk_total - cs) * w)[:, None]
-            acc0 = acc0 * tl.exp(chunk_total)
-            acc1 = acc1 * tl.exp(chunk_total)
-            acc2 = acc2 * tl.exp(chunk_total)
-        acc0 += _mm(tl.trans((u0 * coef).to(v.dtype)), v, PRECISION, UPCAST)
-        acc1 += _mm(tl.trans((u1 * coef).to(v.dtype)), v, PRECISION, UPCAST)
-        acc2 += _mm(tl.trans((u2 * coef).to(v.dtype)), v, PRECISION, UPCAST)
+            coef = tl.exp(chunk_total - cs) * w
+            acc = acc * tl.exp(chunk_total) + _mm(tl.trans((u * coef[:, None]).to(v.dtype)), v, PRECISION, UPCAST)
         total += chunk_total
     out = STATE + (pid_bh * NUM_BLOCKS + pid_block) * (N * P)
-    offs_s = tl.arange(0, S)
-    offs_h = tl.arange(0, N // 2)
-    tl.store(out + offs_s[:, None] * P + offs_p[None, :], acc0)
-    tl.store(out + (S + offs_s[:, None]) * P + offs_p[None, :], acc1)
-    tl.store(out + (2 * S + offs_h[:, None]) * P + offs_p[None, :], acc2)
+    tl.store(out + offs_n[:, None] * P + offs_p[None, :], acc)
     tl.store(BLOCK_DECAY + pid_bh * NUM_BLOCKS + pid_block, total)
 
 
@@ -264,45 +235,38 @@ def _chunk_forward_kernel(
     L, H: tl.constexpr, G: tl.constexpr, H_FWD, NUM_CHUNKS, CHUNKS_PER_BLOCK, NUM_BLOCKS,
     N: tl.constexpr, P: tl.constexpr, CHUNK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BATCH_PER_BIAS, S: tl.constexpr, HAS_BIAS: tl.constexpr, ROTATE: tl.constexpr, FAST: tl.constexpr,
-    HAS_D: tl.constexpr,
+    HAS_D: tl.constexpr, STAGES: tl.constexpr,
 ):
     """y for one (block, batch*head): walks the block's chunks from the block's incoming state (+ D x)."""
     pid_block, pid_bh, batch, head, group, rev, scalar_base, bias_base, pt_base, phi0_base = _program_ids(
         H, G, H_FWD, BATCH_PER_BIAS, L, NUM_CHUNKS, S, N)
     offs_t = tl.arange(0, CHUNK)
+    offs_n = tl.arange(0, N)
+    mem_n = _state_order(N, S, ROTATE)
     offs_p = tl.arange(0, P)
     below = offs_t[:, None] > offs_t[None, :]
     diagonal = offs_t[:, None] == offs_t[None, :]
-    s0, s1, s2 = _state_tiles(STATE_IN + (pid_bh * NUM_BLOCKS + pid_block) * (N * P), S, N, P)
+    state = tl.load(STATE_IN + (pid_bh * NUM_BLOCKS + pid_block) * (N * P) + offs_n[:, None] * P + offs_p[None, :])
     first = pid_block * CHUNKS_PER_BLOCK
     last = tl.minimum(first + CHUNKS_PER_BLOCK, NUM_CHUNKS)
-    for chunk in range(first, last):
-        t, m = _token_rows(chunk, L, rev, CHUNK)
-        w, g, cs, chunk_total = _decays(ALOG, W, GD, scalar_base, t)
-        if ROTATE:
-            cos, sin, dt, pt = _angles(DT, PT, PHI0, scalar_base, pt_base, phi0_base, chunk, t, m, S, FAST)
-        else:
-            cos = 0.0
-            sin = 0.0
+    for chunk in tl.range(first, last, num_stages=STAGES):
+        t, m, w, g, cs, chunk_total, cos, sin, dt, pt = _chunk_inputs(
+            ALOG, W, GD, DT, PT, PHI0, chunk, L, rev, scalar_base, pt_base, phi0_base, S, CHUNK, ROTATE, FAST)
         key_rows = (batch * L + m) * (G * N) + group * N
-        q0, q1, q2 = _load_key(Cq, key_rows, QBIAS, bias_base, cos, sin, HAS_BIAS, ROTATE, S, N)
-        k0, k1, k2 = _load_key(Bk, key_rows, KBIAS, bias_base, cos, sin, HAS_BIAS, ROTATE, S, N)
-        dtype = X.dtype.element_ty
-        q0, q1, q2, k0, k1, k2 = q0.to(dtype), q1.to(dtype), q2.to(dtype), k0.to(dtype), k1.to(dtype), k2.to(dtype)
+        q = _load_key(Cq, key_rows, QBIAS, bias_base, mem_n, cos, sin, HAS_BIAS, ROTATE, CHUNK, N).to(X.dtype.element_ty)
+        k = _load_key(Bk, key_rows, KBIAS, bias_base, mem_n, cos, sin, HAS_BIAS, ROTATE, CHUNK, N).to(X.dtype.element_ty)
         xy_offs = ((batch * L + m) * H + head)[:, None] * P + offs_p[None, :]
         x = tl.load(X + xy_offs)
-        y = _mm3(q0, q1, q2, s0.to(dtype), s1.to(dtype), s2.to(dtype), PRECISION, UPCAST) * tl.exp(cs)[:, None]
-        scores = _mm3(q0, q1, q2, tl.trans(k0), tl.trans(k1), tl.trans(k2), PRECISION, UPCAST)
+        y = _mm(q, state.to(q.dtype), PRECISION, UPCAST) * tl.exp(cs)[:, None]
+        scores = _mm(q, tl.trans(k), PRECISION, UPCAST)
         decay = tl.exp(tl.minimum(cs[:, None] - cs[None, :], 0.0))
         weight = tl.where(below, decay * w[None, :], tl.where(diagonal, g[:, None], 0.0))
-        y += _mm((scores * weight).to(dtype), x, PRECISION, UPCAST)
+        y += _mm((scores * weight).to(x.dtype), x, PRECISION, UPCAST)
         if HAS_D:
             y += tl.load(DSKIP + head) * x.to(tl.float32)
         tl.store(Y + xy_offs, y.to(Y.dtype.element_ty))
-        to_end = (tl.exp(chunk_total - cs) * w)[:, None]
-        s0 = s0 * tl.exp(chunk_total) + _mm(tl.trans((k0 * to_end).to(dtype)), x, PRECISION, UPCAST)
-        s1 = s1 * tl.exp(chunk_total) + _mm(tl.trans((k1 * to_end).to(dtype)), x, PRECISION, UPCAST)
-        s2 = s2 * tl.exp(chunk_total) + _mm(tl.trans((k2 * to_end).to(dtype)), x, PRECISION, UPCAST)
+        k_to_end = (k * (tl.exp(chunk_total - cs) * w)[:, None]).to(k.dtype)
+        state = state * tl.exp(chunk_total) + _mm(tl.trans(k_to_end), x, PRECISION, UPCAST)
 
 
 @triton.jit
@@ -311,6 +275,7 @@ def _chunk_dq_kernel(
     L, H: tl.constexpr, G: tl.constexpr, H_FWD, NUM_CHUNKS, CHUNKS_PER_BLOCK, NUM_BLOCKS,
     N: tl.constexpr, P: tl.constexpr, CHUNK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BATCH_PER_BIAS, S: tl.constexpr, HAS_BIAS: tl.constexpr, ROTATE: tl.constexpr, FAST: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
     """dC per head (B, L, H, N) (unrotated: the gradient of the biased, unrotated C), ``C̄_t·dC̄_t`` without its
     diagonal term (B, H, L, scan order), and with rotation the C side of dφ (B, H, L, S) (memory order); walking
@@ -318,64 +283,45 @@ def _chunk_dq_kernel(
     pid_block, pid_bh, batch, head, group, rev, scalar_base, bias_base, pt_base, phi0_base = _program_ids(
         H, G, H_FWD, BATCH_PER_BIAS, L, NUM_CHUNKS, S, N)
     offs_t = tl.arange(0, CHUNK)
+    offs_n = tl.arange(0, N)
+    mem_n = _state_order(N, S, ROTATE)
     offs_p = tl.arange(0, P)
     below = offs_t[:, None] > offs_t[None, :]
     diagonal = offs_t[:, None] == offs_t[None, :]
-    s0, s1, s2 = _state_tiles(STATE_IN + (pid_bh * NUM_BLOCKS + pid_block) * (N * P), S, N, P)
-    bias0 = tl.zeros((S,), dtype=tl.float32)
-    bias1 = tl.zeros((S,), dtype=tl.float32)
-    bias2 = tl.zeros((N // 2,), dtype=tl.float32)
+    state = tl.load(STATE_IN + (pid_bh * NUM_BLOCKS + pid_block) * (N * P) + offs_n[:, None] * P + offs_p[None, :])
+    bias_grad = tl.zeros((N,), dtype=tl.float32)
     first = pid_block * CHUNKS_PER_BLOCK
     last = tl.minimum(first + CHUNKS_PER_BLOCK, NUM_CHUNKS)
-    for chunk in range(first, last):
-        t, m = _token_rows(chunk, L, rev, CHUNK)
-        w, g, cs, chunk_total = _decays(ALOG, W, GD, scalar_base, t)
-        if ROTATE:
-            cos, sin, dt, pt = _angles(DT, PT, PHI0, scalar_base, pt_base, phi0_base, chunk, t, m, S, FAST)
-        else:
-            cos = 0.0
-            sin = 0.0
+    for chunk in tl.range(first, last, num_stages=STAGES):
+        t, m, w, g, cs, chunk_total, cos, sin, dt, pt = _chunk_inputs(
+            ALOG, W, GD, DT, PT, PHI0, chunk, L, rev, scalar_base, pt_base, phi0_base, S, CHUNK, ROTATE, FAST)
         key_rows = (batch * L + m) * (G * N) + group * N
-        qw0, qw1, qw2 = _load_key(Cq, key_rows, QBIAS, bias_base, cos, sin, HAS_BIAS, ROTATE, S, N)
-        k0, k1, k2 = _load_key(Bk, key_rows, KBIAS, bias_base, cos, sin, HAS_BIAS, ROTATE, S, N)
-        dtype = X.dtype.element_ty
-        k0, k1, k2 = k0.to(dtype), k1.to(dtype), k2.to(dtype)
+        q_wide = _load_key(Cq, key_rows, QBIAS, bias_base, mem_n, cos, sin, HAS_BIAS, ROTATE, CHUNK, N)
+        q = q_wide.to(X.dtype.element_ty)
+        k = _load_key(Bk, key_rows, KBIAS, bias_base, mem_n, cos, sin, HAS_BIAS, ROTATE, CHUNK, N).to(X.dtype.element_ty)
         xy_offs = ((batch * L + m) * H + head)[:, None] * P + offs_p[None, :]
         x = tl.load(X + xy_offs)
         dy = tl.load(DY + xy_offs)
-        from_start = tl.exp(cs)[:, None]
-        dq0 = _mm(dy, tl.trans(s0).to(dtype), PRECISION, UPCAST) * from_start
-        dq1 = _mm(dy, tl.trans(s1).to(dtype), PRECISION, UPCAST) * from_start
-        dq2 = _mm(dy, tl.trans(s2).to(dtype), PRECISION, UPCAST) * from_start
+        dq = _mm(dy, tl.trans(state).to(dy.dtype), PRECISION, UPCAST) * tl.exp(cs)[:, None]
         dy_x = _mm(dy, tl.trans(x), PRECISION, UPCAST)  # [t, s] = dy_t · x_s
         decay = tl.exp(tl.minimum(cs[:, None] - cs[None, :], 0.0))
-        weighted = tl.where(below, dy_x * decay * w[None, :], 0.0).to(dtype)
-        dq0 += _mm(weighted, k0, PRECISION, UPCAST)
-        dq1 += _mm(weighted, k1, PRECISION, UPCAST)
-        dq2 += _mm(weighted, k2, PRECISION, UPCAST)
-        # C̄_t·dC̄_t over the off-diagonal part (C̄ in the op's dtype, as the forward used it)
-        q_dq = tl.sum(qw0.to(dtype).to(tl.float32) * dq0, axis=1) + tl.sum(qw1.to(dtype).to(tl.float32) * dq1, axis=1)
-        q_dq += tl.sum(qw2.to(dtype).to(tl.float32) * dq2, axis=1)
-        own = (g * tl.sum(tl.where(diagonal, dy_x, 0.0), axis=1))[:, None]
-        dq0 += own * k0.to(tl.float32)
-        dq1 += own * k1.to(tl.float32)
-        dq2 += own * k2.to(tl.float32)
+        weight = tl.where(below, decay * w[None, :], 0.0)
+        dq += _mm((dy_x * weight).to(k.dtype), k, PRECISION, UPCAST)
+        q_dq = tl.sum(q.to(tl.float32) * dq, axis=1)
+        x_dy = tl.sum(tl.where(diagonal, dy_x, 0.0), axis=1)
+        dq += (g * x_dy)[:, None] * k.to(tl.float32)
         if ROTATE:
-            dq0, dq1, dphi = _unrotate(dq0, dq1, qw0, qw1, cos, sin)
+            dq, dphi = _unrotate(dq, q_wide, cos, sin, CHUNK, N)
             offs_j = tl.arange(0, S)
             tl.store(DPHI + (pid_bh * L + m[:, None]) * S + offs_j[None, :], dphi)
         if HAS_BIAS:
-            bias0 += tl.sum(dq0, axis=0)
-            bias1 += tl.sum(dq1, axis=0)
-            bias2 += tl.sum(dq2, axis=0)
-        _store_key_grad(DQ, ((batch * L + m) * H + head) * N, dq0, dq1, dq2, S, N)
+            bias_grad += tl.sum(dq, axis=0)
+        tl.store(DQ + ((batch * L + m) * H + head)[:, None] * N + mem_n[None, :], dq.to(DQ.dtype.element_ty))
         tl.store(QDQ + scalar_base + t, q_dq)
-        to_end = (tl.exp(chunk_total - cs) * w)[:, None]
-        s0 = s0 * tl.exp(chunk_total) + _mm(tl.trans((k0 * to_end).to(dtype)), x, PRECISION, UPCAST)
-        s1 = s1 * tl.exp(chunk_total) + _mm(tl.trans((k1 * to_end).to(dtype)), x, PRECISION, UPCAST)
-        s2 = s2 * tl.exp(chunk_total) + _mm(tl.trans((k2 * to_end).to(dtype)), x, PRECISION, UPCAST)
+        k_to_end = (k * (tl.exp(chunk_total - cs) * w)[:, None]).to(k.dtype)
+        state = state * tl.exp(chunk_total) + _mm(tl.trans(k_to_end), x, PRECISION, UPCAST)
     if HAS_BIAS:  # this program's share of the bias gradient: (B, H, NUM_BLOCKS, N)
-        _store_bias_grad(DQBIAS, (pid_bh * NUM_BLOCKS + pid_block) * N, bias0, bias1, bias2, S, N)
+        tl.store(DQBIAS + (pid_bh * NUM_BLOCKS + pid_block) * N + mem_n, bias_grad)
 
 
 @triton.jit
@@ -385,71 +331,55 @@ def _chunk_dkdx_kernel(
     L, H: tl.constexpr, G: tl.constexpr, H_FWD, NUM_CHUNKS, CHUNKS_PER_BLOCK, NUM_BLOCKS,
     N: tl.constexpr, P: tl.constexpr, CHUNK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BATCH_PER_BIAS, S: tl.constexpr, HAS_BIAS: tl.constexpr, ROTATE: tl.constexpr, FAST: tl.constexpr,
-    HAS_D: tl.constexpr,
+    HAS_D: tl.constexpr, STAGES: tl.constexpr,
 ):
     """dB per head (B, L, H, N) (unrotated), dx (B, L, H, P), dw and dg (B, H, L), walking the block's chunks backward.
 
     DSTATE_OUT (B, H, NUM_BLOCKS, N, P): ``Σ_{t > block end} e^{cs_t - cs_end} C̄_t dy_tᵀ``.
     With rotation, dφ_t = (C side, read from DPHI) + (B side) gives: DPHI0 (B, H, NUM_CHUNKS, S) = Σ_chunk dφ_t (the
     chunk's start angle), and with E_t = Σ_{t <= r in the chunk} dφ_r: DDT (B, H, L) = Σ_j E_tj π tanh(θ_tj) and
-    DPHI (overwritten) = Δ_t E_t (its sum over heads is the gradient of π tanh(θ)). With D: dx += D dy and DD
+    DPHI (overwritten) = Δ_t E_t (its sum over heads is the gradient of π tanh(θ)). With D: dx += D dy, and DD
     (B, H, NUM_BLOCKS) gets this program's Σ dy·x.
     """
     pid_block, pid_bh, batch, head, group, rev, scalar_base, bias_base, pt_base, phi0_base = _program_ids(
         H, G, H_FWD, BATCH_PER_BIAS, L, NUM_CHUNKS, S, N)
     offs_t = tl.arange(0, CHUNK)
+    offs_n = tl.arange(0, N)
+    mem_n = _state_order(N, S, ROTATE)
     offs_p = tl.arange(0, P)
     above = offs_t[None, :] > offs_t[:, None]  # [s, t]: t > s
     diagonal = offs_t[:, None] == offs_t[None, :]
-    ds0, ds1, ds2 = _state_tiles(DSTATE_OUT + (pid_bh * NUM_BLOCKS + pid_block) * (N * P), S, N, P)
-    bias0 = tl.zeros((S,), dtype=tl.float32)
-    bias1 = tl.zeros((S,), dtype=tl.float32)
-    bias2 = tl.zeros((N // 2,), dtype=tl.float32)
+    dstate = tl.load(DSTATE_OUT + (pid_bh * NUM_BLOCKS + pid_block) * (N * P) + offs_n[:, None] * P + offs_p[None, :])
+    bias_grad = tl.zeros((N,), dtype=tl.float32)
     d_skip = tl.sum(tl.zeros((CHUNK,), dtype=tl.float32), axis=0)
     first = pid_block * CHUNKS_PER_BLOCK
     last = tl.minimum(first + CHUNKS_PER_BLOCK, NUM_CHUNKS)
-    for step in range(0, last - first):
+    for step in tl.range(0, last - first, num_stages=STAGES):
         chunk = last - 1 - step
-        t, m = _token_rows(chunk, L, rev, CHUNK)
-        w, g, cs, chunk_total = _decays(ALOG, W, GD, scalar_base, t)
-        if ROTATE:
-            cos, sin, dt, pt = _angles(DT, PT, PHI0, scalar_base, pt_base, phi0_base, chunk, t, m, S, FAST)
-        else:
-            cos = 0.0
-            sin = 0.0
+        t, m, w, g, cs, chunk_total, cos, sin, dt, pt = _chunk_inputs(
+            ALOG, W, GD, DT, PT, PHI0, chunk, L, rev, scalar_base, pt_base, phi0_base, S, CHUNK, ROTATE, FAST)
         key_rows = (batch * L + m) * (G * N) + group * N
-        q0, q1, q2 = _load_key(Cq, key_rows, QBIAS, bias_base, cos, sin, HAS_BIAS, ROTATE, S, N)
-        kw0, kw1, kw2 = _load_key(Bk, key_rows, KBIAS, bias_base, cos, sin, HAS_BIAS, ROTATE, S, N)
-        dtype = X.dtype.element_ty
-        q0, q1, q2 = q0.to(dtype), q1.to(dtype), q2.to(dtype)
-        k0, k1, k2 = kw0.to(dtype), kw1.to(dtype), kw2.to(dtype)
+        q = _load_key(Cq, key_rows, QBIAS, bias_base, mem_n, cos, sin, HAS_BIAS, ROTATE, CHUNK, N).to(X.dtype.element_ty)
+        k_wide = _load_key(Bk, key_rows, KBIAS, bias_base, mem_n, cos, sin, HAS_BIAS, ROTATE, CHUNK, N)
+        k = k_wide.to(X.dtype.element_ty)
         xy_offs = ((batch * L + m) * H + head)[:, None] * P + offs_p[None, :]
         x = tl.load(X + xy_offs)
         dy = tl.load(DY + xy_offs)
         to_end = tl.exp(chunk_total - cs)
-        dk0 = _mm(x, tl.trans(ds0).to(dtype), PRECISION, UPCAST) * to_end[:, None]
-        dk1 = _mm(x, tl.trans(ds1).to(dtype), PRECISION, UPCAST) * to_end[:, None]
-        dk2 = _mm(x, tl.trans(ds2).to(dtype), PRECISION, UPCAST) * to_end[:, None]
-        dx = _mm3(k0, k1, k2, ds0.to(dtype), ds1.to(dtype), ds2.to(dtype), PRECISION, UPCAST) * (to_end * w)[:, None]
-        k_q = _mm3(k0, k1, k2, tl.trans(q0), tl.trans(q1), tl.trans(q2), PRECISION, UPCAST)  # [s, t] = B̄_s · C̄_t
+        dk_raw = _mm(x, tl.trans(dstate).to(x.dtype), PRECISION, UPCAST) * to_end[:, None]
+        dx = _mm(k, dstate.to(k.dtype), PRECISION, UPCAST) * (to_end * w)[:, None]
+        k_q = _mm(k, tl.trans(q), PRECISION, UPCAST)  # [s, t] = B̄_s · C̄_t
         x_dy = _mm(x, tl.trans(dy), PRECISION, UPCAST)  # [s, t] = x_s · dy_t
         decay = tl.where(above, tl.exp(tl.minimum(cs[None, :] - cs[:, None], 0.0)), 0.0)
         weight = decay * w[:, None] + tl.where(diagonal, g[:, None], 0.0)
-        dx += _mm((k_q * weight).to(dtype), dy, PRECISION, UPCAST)
-        x_dy_decay = (x_dy * decay).to(dtype)
-        dk0 += _mm(x_dy_decay, q0, PRECISION, UPCAST)
-        dk1 += _mm(x_dy_decay, q1, PRECISION, UPCAST)
-        dk2 += _mm(x_dy_decay, q2, PRECISION, UPCAST)
+        dx += _mm((k_q * weight).to(dy.dtype), dy, PRECISION, UPCAST)
+        dk_raw += _mm((x_dy * decay).to(q.dtype), q, PRECISION, UPCAST)
         diag_qk = tl.sum(tl.where(diagonal, k_q, 0.0), axis=1)
         diag_xdy = tl.sum(tl.where(diagonal, x_dy, 0.0), axis=1)
-        dw = tl.sum(dk0 * k0.to(tl.float32), axis=1) + tl.sum(dk1 * k1.to(tl.float32), axis=1)
-        dw += tl.sum(dk2 * k2.to(tl.float32), axis=1)
-        own = (g * diag_xdy)[:, None]
-        dk0 = dk0 * w[:, None] + own * q0.to(tl.float32)
-        dk1 = dk1 * w[:, None] + own * q1.to(tl.float32)
-        dk2 = dk2 * w[:, None] + own * q2.to(tl.float32)
+        dw = tl.sum(dk_raw * k.to(tl.float32), axis=1)
+        dk = dk_raw * w[:, None] + (g * diag_xdy)[:, None] * q.to(tl.float32)
         if ROTATE:
-            dk0, dk1, dphi = _unrotate(dk0, dk1, kw0, kw1, cos, sin)
+            dk, dphi = _unrotate(dk, k_wide, cos, sin, CHUNK, N)
             offs_j = tl.arange(0, S)
             dphi_offs = (pid_bh * L + m[:, None]) * S + offs_j[None, :]
             dphi += tl.load(DPHI + dphi_offs)
@@ -459,22 +389,18 @@ def _chunk_dkdx_kernel(
             tl.store(DDT + scalar_base + t, tl.sum(suffix * pt, axis=1))
             tl.store(DPHI + dphi_offs, suffix * dt[:, None])
         if HAS_BIAS:
-            bias0 += tl.sum(dk0, axis=0)
-            bias1 += tl.sum(dk1, axis=0)
-            bias2 += tl.sum(dk2, axis=0)
+            bias_grad += tl.sum(dk, axis=0)
         if HAS_D:
             dx += tl.load(DSKIP + head) * dy.to(tl.float32)
             d_skip += tl.sum(tl.sum(dy.to(tl.float32) * x.to(tl.float32), axis=1), axis=0)
-        _store_key_grad(DK, ((batch * L + m) * H + head) * N, dk0, dk1, dk2, S, N)
+        tl.store(DK + ((batch * L + m) * H + head)[:, None] * N + mem_n[None, :], dk.to(DK.dtype.element_ty))
         tl.store(DX + xy_offs, dx.to(DX.dtype.element_ty))
         tl.store(DW + scalar_base + t, dw)
         tl.store(DG + scalar_base + t, diag_qk * diag_xdy)
-        from_start = tl.exp(cs)[:, None]
-        ds0 = ds0 * tl.exp(chunk_total) + _mm(tl.trans((q0 * from_start).to(dtype)), dy, PRECISION, UPCAST)
-        ds1 = ds1 * tl.exp(chunk_total) + _mm(tl.trans((q1 * from_start).to(dtype)), dy, PRECISION, UPCAST)
-        ds2 = ds2 * tl.exp(chunk_total) + _mm(tl.trans((q2 * from_start).to(dtype)), dy, PRECISION, UPCAST)
+        q_from_start = (q * tl.exp(cs)[:, None]).to(q.dtype)
+        dstate = dstate * tl.exp(chunk_total) + _mm(tl.trans(q_from_start), dy, PRECISION, UPCAST)
     if HAS_BIAS:
-        _store_bias_grad(DKBIAS, (pid_bh * NUM_BLOCKS + pid_block) * N, bias0, bias1, bias2, S, N)
+        tl.store(DKBIAS + (pid_bh * NUM_BLOCKS + pid_block) * N + mem_n, bias_grad)
     if HAS_D:
         tl.store(DD + pid_bh * NUM_BLOCKS + pid_block, d_skip)
 
@@ -501,14 +427,14 @@ class _Mamba3ScanCore(torch.autograd.Function):
         batch, length, heads, headdim = x.shape
         groups, state_dim = q.shape[2], q.shape[3]
         num_chunks = length // chunk_size
-        target_programs, num_warps, bwd_num_warps = launch
+        target_programs, num_warps, bwd_num_warps, stages = launch
         per_block, num_blocks = _num_blocks(num_chunks, batch * heads, target_programs)
         precision = "ieee" if x.dtype == torch.float32 else "tf32"
         rotate, has_bias, has_d = pt is not None, q_bias is not None, d_skip is not None
         dims = dict(L=length, H=heads, G=groups, H_FWD=fwd_heads, NUM_CHUNKS=num_chunks, CHUNKS_PER_BLOCK=per_block,
                     NUM_BLOCKS=num_blocks, N=state_dim, P=headdim, CHUNK=chunk_size, PRECISION=precision,
                     UPCAST=_INTERPRETED, BATCH_PER_BIAS=batch // q_bias.shape[0] if has_bias else 1,
-                    S=state_dim // 4, HAS_BIAS=has_bias, ROTATE=rotate, FAST=not _INTERPRETED)
+                    S=state_dim // 4, HAS_BIAS=has_bias, ROTATE=rotate, FAST=not _INTERPRETED, STAGES=stages)
         dummy = a_log
         rot_args = (dt, pt, phi0) if rotate else (dummy, dummy, dummy)
         qb, kb = (q_bias, k_bias) if has_bias else (dummy, dummy)
@@ -607,21 +533,19 @@ def _check_shapes(x, dt, Bm, Cm, chunk_size, reversed_heads):
         if size < 16 or size & (size - 1):
             raise ValueError(f"mamba3_scan (Triton): {name}={size} must be a power of two >= 16")
     state_dim = Bm.shape[3]
-    smallest = 16 if _INTERPRETED else 64  # the kernels' dots over the state run on N / 4-wide tiles (tl.dot: >= 16)
-    if state_dim < smallest or state_dim & (state_dim - 1):
-        raise ValueError(f"mamba3_scan (Triton): d_state={state_dim} must be a power of two >= {smallest}")
+    if state_dim < 16 or state_dim & (state_dim - 1):
+        raise ValueError(f"mamba3_scan (Triton): d_state={state_dim} must be a power of two >= 16")
     if not 0 <= reversed_heads <= heads:
         raise ValueError(f"mamba3_scan: reversed_heads={reversed_heads} must be in [0, H={heads}]")
 
 
 def supports(d_state: int, headdim: int, chunk_size: int) -> bool:
     """Whether the Triton op takes these sizes on the GPU (the layer uses the PyTorch path otherwise)."""
-    return all(size & (size - 1) == 0 for size in (d_state, headdim, chunk_size)) and d_state >= 64 \
-        and headdim >= 16 and chunk_size >= 16
+    return all(size >= 16 and size & (size - 1) == 0 for size in (d_state, headdim, chunk_size))
 
 
 # Launch settings used when a call gives none (benchmarks/mamba3.py measured them on an H100; see BENCHMARKS.md).
-LAUNCH_DEFAULTS = dict(target_programs=1024, num_warps=4, bwd_num_warps=8)
+LAUNCH_DEFAULTS = dict(target_programs=1024, num_warps=4, bwd_num_warps=8, num_stages=1)
 
 
 def _scan_order(v: torch.Tensor, fwd_heads: int) -> torch.Tensor:
@@ -633,7 +557,7 @@ def _scan_order(v: torch.Tensor, fwd_heads: int) -> torch.Tensor:
 
 def mamba3_scan(x, dt, A, lam, Bm, Cm, D=None, chunk_size: int = 32, target_programs: int | None = None,
                 num_warps: int | None = None, bwd_num_warps: int | None = None, *, B_bias=None, C_bias=None,
-                theta=None, reversed_heads: int = 0):
+                theta=None, reversed_heads: int = 0, num_stages: int | None = None):
     """Mamba-3 SISO scan on CUDA (or under TRITON_INTERPRET=1 on CPU). Shapes in the module docstring.
 
     Without ``B_bias``, ``C_bias`` and ``theta``, Bm and Cm are B̄ and C̄ as they are. With them (fused path) Bm and Cm
@@ -642,13 +566,15 @@ def mamba3_scan(x, dt, A, lam, Bm, Cm, D=None, chunk_size: int = 32, target_prog
     ``S = N / 4`` rotates pairs (2j, 2j+1), j < S, by ``φ_t = Σ_{r<=t} Δ_r π tanh(θ_r)`` (``cumulative_angles``).
     ``reversed_heads``: the last that many heads scan the sequence right to left (their outputs are those of the
     reference run on the flipped sequence, flipped back), in the same launch as the left-to-right heads.
-    ``num_warps`` / ``bwd_num_warps``: warps per program of the forward / backward kernels.
+    ``num_warps`` / ``bwd_num_warps``: warps per program of the forward / backward kernels; ``num_stages``: software
+    pipelining depth of the chunk loops (1: none).
     ``target_programs`` sets how many (block, batch*head) programs to aim for (the sequence is cut into that many
     blocks when batch*heads is small). Returns y (B, L, H, P) in x's dtype.
     """
     _check_shapes(x, dt, Bm, Cm, chunk_size, reversed_heads)
     launch = tuple(LAUNCH_DEFAULTS[key] if value is None else value for key, value in
-                   (("target_programs", target_programs), ("num_warps", num_warps), ("bwd_num_warps", bwd_num_warps)))
+                   (("target_programs", target_programs), ("num_warps", num_warps), ("bwd_num_warps", bwd_num_warps),
+                    ("num_stages", num_stages)))
     batch, length, heads, _ = x.shape
     fwd_heads = heads - reversed_heads
     if (B_bias is None) != (C_bias is None):
