@@ -405,6 +405,225 @@ def _chunk_dkdx_kernel(
         tl.store(DD + pid_bh * NUM_BLOCKS + pid_block, d_skip)
 
 
+@triton.jit
+def _memory_chunk_angles(DT, PT, PHI0, batch, head, rev, c_mem, L, NUM_CHUNKS, H: tl.constexpr, S: tl.constexpr,
+                         CHUNK: tl.constexpr, FAST: tl.constexpr):
+    """Angles of one head over the memory chunk ``c_mem`` (rows c_mem * CHUNK + i, in memory order).
+
+    A right-to-left head scans these rows as its chunk NUM_CHUNKS - 1 - c_mem, last row first, so its in-chunk
+    cumulative sums run from the end of the tile. -> (cos, sin (CHUNK, S), Δ (CHUNK,), π tanh θ (CHUNK, S), scan
+    positions t (CHUNK,), scan chunk index)."""
+    i = tl.arange(0, CHUNK)
+    offs_j = tl.arange(0, S)
+    m = c_mem * CHUNK + i
+    t = tl.where(rev, L - 1 - m, m)
+    scan_chunk = tl.where(rev, NUM_CHUNKS - 1 - c_mem, c_mem)
+    dt = tl.load(DT + (batch * H + head) * L + t)
+    pt = tl.load(PT + (batch * L + m)[:, None] * S + offs_j[None, :])
+    step = dt[:, None] * pt
+    forward_sum = tl.cumsum(step, axis=0)
+    within = tl.where(rev, tl.sum(step, axis=0)[None, :] - forward_sum + step, forward_sum)
+    phi = tl.load(PHI0 + ((batch * H + head) * NUM_CHUNKS + scan_chunk) * S + offs_j)[None, :] + within
+    cos, sin = _cos_sin(phi, FAST)
+    return cos, sin, dt, pt, t, scan_chunk
+
+
+@triton.jit
+def _pair_columns(S: tl.constexpr, N: tl.constexpr):
+    """Column offsets of the first members (2j), second members (2j + 1) of the rotated pairs and of the real half."""
+    offs_s = tl.arange(0, S)
+    return 2 * offs_s, 2 * offs_s + 1, N // 2 + tl.arange(0, N // 2)
+
+
+@triton.jit
+def _write_rotated(SRC, BIAS, OUT, in_rows, out_rows, bias_base, cos, sin, S: tl.constexpr, N: tl.constexpr,
+                   HAS_BIAS: tl.constexpr, ROTATE: tl.constexpr):
+    """OUT[rows] = R(φ)(SRC[rows] + bias) for one chunk: the pairs (2j, 2j + 1) rotate, the real half is copied."""
+    col_a, col_b, col_r = _pair_columns(S, N)
+    a = tl.load(SRC + in_rows + col_a[None, :]).to(tl.float32)
+    b = tl.load(SRC + in_rows + col_b[None, :]).to(tl.float32)
+    r = tl.load(SRC + in_rows + col_r[None, :]).to(tl.float32)
+    if HAS_BIAS:
+        a += tl.load(BIAS + bias_base + col_a)[None, :]
+        b += tl.load(BIAS + bias_base + col_b)[None, :]
+        r += tl.load(BIAS + bias_base + col_r)[None, :]
+    if ROTATE:
+        a, b = a * cos - b * sin, a * sin + b * cos
+    tl.store(OUT + out_rows + col_a[None, :], a.to(OUT.dtype.element_ty))
+    tl.store(OUT + out_rows + col_b[None, :], b.to(OUT.dtype.element_ty))
+    tl.store(OUT + out_rows + col_r[None, :], r.to(OUT.dtype.element_ty))
+
+
+@triton.jit
+def _rotate_keys_kernel(
+    Bm, Cm, BBIAS, CBIAS, DT, PT, PHI0, BOUT, COUT,
+    L, NUM_CHUNKS, H: tl.constexpr, G: tl.constexpr, H_FWD, N: tl.constexpr, S: tl.constexpr,
+    CHUNK: tl.constexpr, BATCH_PER_BIAS, HAS_BIAS: tl.constexpr, ROTATE: tl.constexpr, FAST: tl.constexpr,
+):
+    """Per (memory chunk, batch*head): B̄ = R(φ)(B + bias_h), C̄ likewise, from per-group B, C (B, L, G, N) to per-head
+    BOUT, COUT (B, L, H, N) in their dtype."""
+    c_mem = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    batch = pid_bh // H
+    head = pid_bh % H
+    group = head // (H // G)
+    m = c_mem * CHUNK + tl.arange(0, CHUNK)
+    in_rows = ((batch * L + m) * G + group)[:, None] * N
+    out_rows = ((batch * L + m) * H + head)[:, None] * N
+    bias_base = ((batch // BATCH_PER_BIAS) * H + head) * N
+    if ROTATE:
+        cos, sin, dt, pt, t, scan_chunk = _memory_chunk_angles(DT, PT, PHI0, batch, head, head >= H_FWD, c_mem, L,
+                                                               NUM_CHUNKS, H, S, CHUNK, FAST)
+    else:
+        cos = 0.0
+        sin = 0.0
+    _write_rotated(Bm, BBIAS, BOUT, in_rows, out_rows, bias_base, cos, sin, S, N, HAS_BIAS, ROTATE)
+    _write_rotated(Cm, CBIAS, COUT, in_rows, out_rows, bias_base, cos, sin, S, N, HAS_BIAS, ROTATE)
+
+
+@triton.jit
+def _key_grad(SRC, BIAS, DBAR, DBIAS, in_rows, grad_rows, bias_base, partial_base, cos, sin, S: tl.constexpr,
+              N: tl.constexpr, CHUNK: tl.constexpr, HAS_BIAS: tl.constexpr, ROTATE: tl.constexpr):
+    """One head's share of a key's gradient over one chunk: the gradient of B̄ (or C̄) taken back through the rotation
+    -> (d first members, d second members, d real half, dφ (CHUNK, S)); stores the chunk's bias-gradient partial."""
+    col_a, col_b, col_r = _pair_columns(S, N)
+    ga = tl.load(DBAR + grad_rows + col_a[None, :]).to(tl.float32)
+    gb = tl.load(DBAR + grad_rows + col_b[None, :]).to(tl.float32)
+    gr = tl.load(DBAR + grad_rows + col_r[None, :]).to(tl.float32)
+    dphi = tl.zeros((CHUNK, S), dtype=tl.float32)
+    if ROTATE:
+        a = tl.load(SRC + in_rows + col_a[None, :]).to(tl.float32)
+        b = tl.load(SRC + in_rows + col_b[None, :]).to(tl.float32)
+        if HAS_BIAS:
+            a += tl.load(BIAS + bias_base + col_a)[None, :]
+            b += tl.load(BIAS + bias_base + col_b)[None, :]
+        ra, rb = a * cos - b * sin, a * sin + b * cos
+        dphi = gb * ra - ga * rb
+        ga, gb = ga * cos + gb * sin, gb * cos - ga * sin
+    if HAS_BIAS:
+        tl.store(DBIAS + partial_base + col_a, tl.sum(ga, axis=0))
+        tl.store(DBIAS + partial_base + col_b, tl.sum(gb, axis=0))
+        tl.store(DBIAS + partial_base + col_r, tl.sum(gr, axis=0))
+    return ga, gb, gr, dphi
+
+
+@triton.jit
+def _store_key(OUT, rows, a, b, r, S: tl.constexpr, N: tl.constexpr):
+    col_a, col_b, col_r = _pair_columns(S, N)
+    tl.store(OUT + rows + col_a[None, :], a)
+    tl.store(OUT + rows + col_b[None, :], b)
+    tl.store(OUT + rows + col_r[None, :], r)
+
+
+@triton.jit
+def _key_grads_kernel(
+    Bm, Cm, BBIAS, CBIAS, DT, PT, PHI0, DBBAR, DCBAR, DB, DC, DBBIAS, DCBIAS, DDT, DPHI0, DPT,
+    L, NUM_CHUNKS, H: tl.constexpr, G: tl.constexpr, H_FWD, N: tl.constexpr, S: tl.constexpr,
+    CHUNK: tl.constexpr, BATCH_PER_BIAS, HAS_BIAS: tl.constexpr, ROTATE: tl.constexpr, FAST: tl.constexpr,
+):
+    """Backward of ``_rotate_keys_kernel`` per (memory chunk, batch), looping over the heads.
+
+    DBBAR, DCBAR (B, L, H, N): gradients of B̄, C̄ -> DB, DC (B, L, G, N) fp32 (summed over each group's heads), per-chunk
+    bias-gradient partials DBBIAS, DCBIAS (B, NUM_CHUNKS, H, N), and with rotation the angle gradients: dφ_t (B and C
+    sides) gives DPHI0 (B, H, NUM_CHUNKS, S) = Σ_chunk dφ (scan chunk order), and with E_t the in-chunk suffix sum of
+    dφ in scan order, DDT (B, H, L) = Σ_j E_tj π tanh θ_tj (scan order) and DPT (B, L, S) = Σ_heads Δ_t E_t.
+    """
+    c_mem = tl.program_id(0)
+    batch = tl.program_id(1).to(tl.int64)
+    m = c_mem * CHUNK + tl.arange(0, CHUNK)
+    offs_j = tl.arange(0, S)
+    d_pt = tl.zeros((CHUNK, S), dtype=tl.float32)
+    for group in range(G):
+        in_rows = ((batch * L + m) * G + group)[:, None] * N
+        db_a = tl.zeros((CHUNK, S), dtype=tl.float32)
+        db_b = tl.zeros((CHUNK, S), dtype=tl.float32)
+        db_r = tl.zeros((CHUNK, N // 2), dtype=tl.float32)
+        dc_a = tl.zeros((CHUNK, S), dtype=tl.float32)
+        dc_b = tl.zeros((CHUNK, S), dtype=tl.float32)
+        dc_r = tl.zeros((CHUNK, N // 2), dtype=tl.float32)
+        for member in range(H // G):
+            head = group * (H // G) + member
+            rev = head >= H_FWD
+            grad_rows = ((batch * L + m) * H + head)[:, None] * N
+            bias_base = ((batch // BATCH_PER_BIAS) * H + head) * N
+            partial_base = ((batch * NUM_CHUNKS + c_mem) * H + head) * N
+            if ROTATE:
+                cos, sin, dt, pt, t, scan_chunk = _memory_chunk_angles(DT, PT, PHI0, batch, head, rev, c_mem, L,
+                                                                       NUM_CHUNKS, H, S, CHUNK, FAST)
+            else:
+                cos = 0.0
+                sin = 0.0
+            ga, gb, gr, dphi_b = _key_grad(Bm, BBIAS, DBBAR, DBBIAS, in_rows, grad_rows, bias_base, partial_base,
+                                           cos, sin, S, N, CHUNK, HAS_BIAS, ROTATE)
+            db_a += ga
+            db_b += gb
+            db_r += gr
+            ga, gb, gr, dphi_c = _key_grad(Cm, CBIAS, DCBAR, DCBIAS, in_rows, grad_rows, bias_base, partial_base,
+                                           cos, sin, S, N, CHUNK, HAS_BIAS, ROTATE)
+            dc_a += ga
+            dc_b += gb
+            dc_r += gr
+            if ROTATE:
+                dphi = dphi_b + dphi_c
+                forward_sum = tl.cumsum(dphi, axis=0)
+                suffix = tl.where(rev, forward_sum, tl.sum(dphi, axis=0)[None, :] - forward_sum + dphi)
+                tl.store(DPHI0 + ((batch * H + head) * NUM_CHUNKS + scan_chunk) * S + offs_j, tl.sum(dphi, axis=0))
+                tl.store(DDT + (batch * H + head) * L + t, tl.sum(suffix * pt, axis=1))
+                d_pt += suffix * dt[:, None]
+        _store_key(DB, in_rows, db_a, db_b, db_r, S, N)
+        _store_key(DC, in_rows, dc_a, dc_b, dc_r, S, N)
+    if ROTATE:
+        tl.store(DPT + (batch * L + m)[:, None] * S + offs_j[None, :], d_pt)
+
+
+class _RotatedKeys(torch.autograd.Function):
+    """Per-group B, C (B, L, G, N) -> per-head B̄, C̄ (B, L, H, N) in x's dtype: bias added, rotated by the
+    cumulative angles (``_rotate_keys_kernel``); backward: ``_key_grads_kernel``.
+
+    dt (B, H, L) fp32 scan order; pt (B, L, S) fp32 memory order; phi0 (B, H, L / CHUNK, S) fp32 (None, None: no
+    rotation); biases (NB, H, N) fp32 or None. Lengths are whole chunks."""
+
+    @staticmethod
+    def forward(ctx, Bm, Cm, B_bias, C_bias, dt, pt, phi0, heads, fwd_heads, chunk_size, dtype):
+        batch, length, groups, state_dim = Bm.shape
+        rotate, has_bias = pt is not None, B_bias is not None
+        dims = dict(L=length, NUM_CHUNKS=length // chunk_size, H=heads, G=groups, H_FWD=fwd_heads, N=state_dim,
+                    S=state_dim // 4, CHUNK=chunk_size, BATCH_PER_BIAS=batch // B_bias.shape[0] if has_bias else 1,
+                    HAS_BIAS=has_bias, ROTATE=rotate, FAST=not _INTERPRETED)
+        dummy = Bm
+        args = (B_bias if has_bias else dummy, C_bias if has_bias else dummy,
+                *((dt, pt, phi0) if rotate else (dummy, dummy, dummy)))
+        B_bar = torch.empty(batch, length, heads, state_dim, device=Bm.device, dtype=dtype)
+        C_bar = torch.empty_like(B_bar)
+        _rotate_keys_kernel[(dims["NUM_CHUNKS"], batch * heads)](Bm, Cm, *args, B_bar, C_bar, num_warps=4, **dims)
+        ctx.save_for_backward(Bm, Cm, *args)
+        ctx.dims = dims
+        return B_bar, C_bar
+
+    @staticmethod
+    def backward(ctx, dB_bar, dC_bar):
+        Bm, Cm, B_bias, C_bias, dt, pt, phi0 = ctx.saved_tensors
+        dims = ctx.dims
+        batch, length, groups, state_dim = Bm.shape
+        heads, num_chunks, rotate, has_bias = dims["H"], dims["NUM_CHUNKS"], dims["ROTATE"], dims["HAS_BIAS"]
+        dB = torch.empty(Bm.shape, device=Bm.device, dtype=torch.float32)
+        dC = torch.empty_like(dB)
+        f32 = dict(device=Bm.device, dtype=torch.float32)
+        bias_parts = [torch.empty(batch, num_chunks, heads, state_dim, **f32) for _ in range(2)] if has_bias else [dB, dB]
+        ddt, dphi0, dpt = (torch.empty_like(dt), torch.empty_like(phi0), torch.empty_like(pt)) if rotate \
+            else (dB, dB, dB)
+        _key_grads_kernel[(num_chunks, batch)](Bm, Cm, B_bias, C_bias, dt, pt, phi0, dB_bar.contiguous(),
+                                               dC_bar.contiguous(), dB, dC, *bias_parts, ddt, dphi0, dpt,
+                                               num_warps=4, **dims)
+        d_bias = [None, None]
+        if has_bias:
+            per_bias = (B_bias.shape[0], batch // B_bias.shape[0], num_chunks, heads, state_dim)
+            d_bias = [part.view(per_bias).sum((1, 2)) for part in bias_parts]
+        if not rotate:
+            ddt = dphi0 = dpt = None
+        return (dB.to(Bm.dtype), dC.to(Cm.dtype), *d_bias, ddt, dpt, dphi0, None, None, None, None)
+
+
 def _num_blocks(num_chunks: int, batch_heads: int, target_programs: int) -> tuple[int, int]:
     """-> (chunks per block, number of blocks) giving about ``target_programs`` programs over (blocks, batch*heads)."""
     wanted = max(1, min(num_chunks, -(-target_programs // batch_heads)))
@@ -545,7 +764,7 @@ def supports(d_state: int, headdim: int, chunk_size: int) -> bool:
 
 
 # Launch settings used when a call gives none (benchmarks/mamba3.py measured them on an H100; see BENCHMARKS.md).
-LAUNCH_DEFAULTS = dict(target_programs=1024, num_warps=4, bwd_num_warps=8, num_stages=1)
+LAUNCH_DEFAULTS = dict(target_programs=1024, num_warps=4, bwd_num_warps=8, num_stages=2)
 
 
 def _scan_order(v: torch.Tensor, fwd_heads: int) -> torch.Tensor:
@@ -557,13 +776,17 @@ def _scan_order(v: torch.Tensor, fwd_heads: int) -> torch.Tensor:
 
 def mamba3_scan(x, dt, A, lam, Bm, Cm, D=None, chunk_size: int = 32, target_programs: int | None = None,
                 num_warps: int | None = None, bwd_num_warps: int | None = None, *, B_bias=None, C_bias=None,
-                theta=None, reversed_heads: int = 0, num_stages: int | None = None):
+                theta=None, reversed_heads: int = 0, num_stages: int | None = None, inline_rotation: bool = False):
     """Mamba-3 SISO scan on CUDA (or under TRITON_INTERPRET=1 on CPU). Shapes in the module docstring.
 
     Without ``B_bias``, ``C_bias`` and ``theta``, Bm and Cm are B̄ and C̄ as they are. With them (fused path) Bm and Cm
     are per group and unrotated, and the kernels form ``B̄ = R(φ) (Bm + B_bias)`` per head on the fly:
     B_bias, C_bias (H, N) or (NB, H, N) (batch row b uses row b // (B / NB); both or neither), theta (B, L, S) with
     ``S = N / 4`` rotates pairs (2j, 2j+1), j < S, by ``φ_t = Σ_{r<=t} Δ_r π tanh(θ_r)`` (``cumulative_angles``).
+    ``inline_rotation``: form B̄, C̄ inside the scan kernels (per chunk, in every kernel that reads them) instead of
+    in one parallel pass before the scan (``_rotate_keys_kernel``; its backward ``_key_grads_kernel`` takes the
+    per-head gradients back through the rotation and sums them over the heads). The separate pass is the default:
+    it keeps the rotation out of the scan's sequential chunk loop (see BENCHMARKS.md).
     ``reversed_heads``: the last that many heads scan the sequence right to left (their outputs are those of the
     reference run on the flipped sequence, flipped back), in the same launch as the left-to-right heads.
     ``num_warps`` / ``bwd_num_warps``: warps per program of the forward / backward kernels; ``num_stages``: software
@@ -617,7 +840,12 @@ def mamba3_scan(x, dt, A, lam, Bm, Cm, D=None, chunk_size: int = 32, target_prog
         pad_tokens = (0, 0, 0, 0, 0, pad)
         xs, Cq, Bk = (F.pad(v, pad_tokens) for v in (x, Cq, Bk))
     d_skip = None if D is None else D.float()
-    y = _Mamba3ScanCore.apply(Cq.contiguous(), Bk.contiguous(), xs.contiguous(), a_log.contiguous(), w.contiguous(),
-                              g.contiguous(), dt_s.contiguous(), pt, phi0, C_bias, B_bias, d_skip, fwd_heads,
-                              chunk_size, launch)
+    scalars = (a_log.contiguous(), w.contiguous(), g.contiguous(), dt_s.contiguous())
+    if (B_bias is not None or pt is not None) and not inline_rotation:
+        # B̄, C̄ per head from one parallel pass (and their gradients from one more), then the plain scan
+        Bk, Cq = _RotatedKeys.apply(Bk.contiguous(), Cq.contiguous(), B_bias, C_bias, scalars[3], pt, phi0, heads,
+                                    fwd_heads, chunk_size, x.dtype)
+        B_bias = C_bias = pt = phi0 = None
+    y = _Mamba3ScanCore.apply(Cq.contiguous(), Bk.contiguous(), xs.contiguous(), *scalars, pt, phi0, C_bias, B_bias,
+                              d_skip, fwd_heads, chunk_size, launch)
     return y[:, :length]

@@ -21,6 +21,8 @@ def compare(dtype_name: str, seed: int) -> dict:
     from kernels.mamba3_scan import mamba3_scan
     from kernels.mamba3_scan_ref import scan_chunked_ref
 
+    if dtype_name.startswith("fused-inline-"):
+        return compare_fused(dtype_name[len("fused-inline-"):], seed, reversed_heads=1, inline_rotation=True)
     if dtype_name.startswith("fused-reversed-"):
         return compare_fused(dtype_name[len("fused-reversed-"):], seed, reversed_heads=3)
     if dtype_name.startswith("fused-"):
@@ -58,10 +60,11 @@ def compare(dtype_name: str, seed: int) -> dict:
     return {n: ((t - r).norm() / r.norm()).item() for n, r, t in zip(names, reference, triton_out)}
 
 
-def compare_fused(dtype_name: str, seed: int, reversed_heads: int = 0) -> dict:
+def compare_fused(dtype_name: str, seed: int, reversed_heads: int = 0, inline_rotation: bool = False) -> dict:
     """The fused op (per-group B/C, per-head biases, rotation by cumulative angles, D skip, all in-kernel) vs
     ``scan_fused_ref`` in float64: output and the gradient of every input (biases and θ included). With
-    ``reversed_heads``, the last heads scan right to left in the same launch (the reference flips them)."""
+    ``reversed_heads``, the last heads scan right to left in the same launch (the reference flips them);
+    ``inline_rotation`` forms B̄, C̄ inside the scan kernels instead of in the separate rotation pass."""
     import torch
 
     from kernels.mamba3_scan import mamba3_scan
@@ -95,7 +98,8 @@ def compare_fused(dtype_name: str, seed: int, reversed_heads: int = 0) -> dict:
 
     reference = run(scan_fused_ref, torch.float64, chunk_size=16, reversed_heads=reversed_heads)
     # 5 chunks -> 3 blocks per row
-    triton_out = run(mamba3_scan, dtype, chunk_size=16, target_programs=40, reversed_heads=reversed_heads)
+    triton_out = run(mamba3_scan, dtype, chunk_size=16, target_programs=40, reversed_heads=reversed_heads,
+                     inline_rotation=inline_rotation)
     names = ["y"] + ["d" + k for k in inputs]
     return {n: ((t - r).norm() / r.norm()).item() for n, r, t in zip(names, reference, triton_out)}
 
@@ -138,6 +142,7 @@ def compare_layer(seed: int) -> dict:
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 @pytest.mark.parametrize("dtype_name,tolerance", [("float32", 1e-5), ("bfloat16", 2.5e-2), ("fused-float32", 1e-5),
                                                   ("fused-bfloat16", 2.5e-2), ("fused-reversed-float32", 1e-5),
+                                                  ("fused-inline-float32", 1e-5),
                                                   ("layer", 1e-5)])
 def test_triton_matches_reference_interpreted(dtype_name, tolerance):
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
