@@ -245,8 +245,8 @@ def tune_fused():
     grads = ["x", "B", "C", "dt", "theta", "A", "trap"]
     print("\n## fused op launch settings (ms, fwd+bwd): L=1K batch 64 | L=8K batch 8 with 12 heads right to left")
     best = None
-    configs = ((32, 1024, 4, 8, 2), (32, 1024, 4, 8, 3), (32, 2048, 4, 8, 2), (32, 1024, 8, 8, 2),
-               (16, 2048, 4, 4, 2), (16, 1024, 4, 8, 2), (16, 2048, 4, 8, 3))
+    configs = ((32, 1024, 4, 8, 2), (32, 2048, 4, 8, 2), (32, 4096, 4, 8, 2), (16, 2048, 4, 4, 2),
+               (16, 2048, 4, 8, 2), (16, 4096, 4, 4, 2), (16, 4096, 4, 8, 3))
     for chunk, programs, warps, bwd_warps, stages in configs:
         launch = dict(target_programs=programs, num_warps=warps, bwd_num_warps=bwd_warps, num_stages=stages)
         times = []

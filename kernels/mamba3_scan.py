@@ -406,160 +406,165 @@ def _chunk_dkdx_kernel(
 
 
 @triton.jit
-def _memory_chunk_angles(DT, PT, PHI0, batch, head, rev, c_mem, L, NUM_CHUNKS, H: tl.constexpr, S: tl.constexpr,
-                         CHUNK: tl.constexpr, FAST: tl.constexpr):
-    """Angles of one head over the memory chunk ``c_mem`` (rows c_mem * CHUNK + i, in memory order).
+def _tile_angles(DT, PT, PHI0, batch, head, rev, m, valid, L, NUM_CHUNKS, H: tl.constexpr, S: tl.constexpr,
+                 CHUNK: tl.constexpr, ROWS: tl.constexpr, FAST: tl.constexpr):
+    """Angles of one head over a tile of ROWS memory rows ``m`` (a whole number of chunks; ``valid`` masks rows past
+    the end).
 
-    A right-to-left head scans these rows as its chunk NUM_CHUNKS - 1 - c_mem, last row first, so its in-chunk
-    cumulative sums run from the end of the tile. -> (cos, sin (CHUNK, S), Δ (CHUNK,), π tanh θ (CHUNK, S), scan
-    positions t (CHUNK,), scan chunk index)."""
-    i = tl.arange(0, CHUNK)
+    φ_t = φ0[first chunk of the tile in the head's scan order] + the tile's cumulative Σ Δ π tanh θ up to t in scan
+    order (right-to-left heads scan the tile from its last row); this equals the per-chunk form because φ0 holds
+    the exclusive cumulative sums of whole chunks. -> (cos, sin (ROWS, S), Δ (ROWS,), π tanh θ (ROWS, S), scan
+    positions t (ROWS,), index of the base chunk)."""
     offs_j = tl.arange(0, S)
-    m = c_mem * CHUNK + i
     t = tl.where(rev, L - 1 - m, m)
-    scan_chunk = tl.where(rev, NUM_CHUNKS - 1 - c_mem, c_mem)
-    dt = tl.load(DT + (batch * H + head) * L + t)
-    pt = tl.load(PT + (batch * L + m)[:, None] * S + offs_j[None, :])
+    dt = tl.load(DT + (batch * H + head) * L + t, mask=valid, other=0.0)
+    pt = tl.load(PT + (batch * L + m)[:, None] * S + offs_j[None, :], mask=valid[:, None], other=0.0)
     step = dt[:, None] * pt
     forward_sum = tl.cumsum(step, axis=0)
     within = tl.where(rev, tl.sum(step, axis=0)[None, :] - forward_sum + step, forward_sum)
-    phi = tl.load(PHI0 + ((batch * H + head) * NUM_CHUNKS + scan_chunk) * S + offs_j)[None, :] + within
+    first_row = tl.min(m, axis=0)
+    last_row = tl.minimum(first_row + ROWS, L) - 1
+    base_chunk = tl.where(rev, L - 1 - last_row, first_row) // CHUNK
+    phi = tl.load(PHI0 + ((batch * H + head) * NUM_CHUNKS + base_chunk) * S + offs_j)[None, :] + within
     cos, sin = _cos_sin(phi, FAST)
-    return cos, sin, dt, pt, t, scan_chunk
+    return cos, sin, dt, pt, t, base_chunk
 
 
 @triton.jit
-def _pair_columns(S: tl.constexpr, N: tl.constexpr):
-    """Column offsets of the first members (2j), second members (2j + 1) of the rotated pairs and of the real half."""
+def _load_pairs(PTR, rows, valid, S: tl.constexpr, ROWS: tl.constexpr):
+    """The rotated half (dims < 2 S) of ROWS keys as its pair members: (ROWS, S) first (dims 2j), (ROWS, S) second
+    (dims 2j + 1), fp32; one contiguous load."""
+    cols = tl.arange(0, 2 * S)
+    v = tl.load(PTR + rows[:, None] + cols[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+    return tl.split(tl.reshape(v, (ROWS, S, 2)))
+
+
+@triton.jit
+def _store_pairs(PTR, rows, valid, a, b, S: tl.constexpr, ROWS: tl.constexpr):
+    cols = tl.arange(0, 2 * S)
+    v = tl.reshape(tl.join(a, b), (ROWS, 2 * S))
+    tl.store(PTR + rows[:, None] + cols[None, :], v.to(PTR.dtype.element_ty), mask=valid[:, None])
+
+
+@triton.jit
+def _write_rotated(SRC, BIAS, OUT, in_rows, out_rows, valid, bias_base, cos, sin, S: tl.constexpr, N: tl.constexpr,
+                   ROWS: tl.constexpr, HAS_BIAS: tl.constexpr, ROTATE: tl.constexpr):
+    """OUT[rows] = R(φ)(SRC[rows] + bias) for one tile: the pairs (2j, 2j + 1), j < S, rotate; the rest is copied."""
     offs_s = tl.arange(0, S)
-    return 2 * offs_s, 2 * offs_s + 1, N // 2 + tl.arange(0, N // 2)
-
-
-@triton.jit
-def _write_rotated(SRC, BIAS, OUT, in_rows, out_rows, bias_base, cos, sin, S: tl.constexpr, N: tl.constexpr,
-                   HAS_BIAS: tl.constexpr, ROTATE: tl.constexpr):
-    """OUT[rows] = R(φ)(SRC[rows] + bias) for one chunk: the pairs (2j, 2j + 1) rotate, the real half is copied."""
-    col_a, col_b, col_r = _pair_columns(S, N)
-    a = tl.load(SRC + in_rows + col_a[None, :]).to(tl.float32)
-    b = tl.load(SRC + in_rows + col_b[None, :]).to(tl.float32)
-    r = tl.load(SRC + in_rows + col_r[None, :]).to(tl.float32)
+    real = 2 * S + tl.arange(0, N - 2 * S)
+    a, b = _load_pairs(SRC, in_rows, valid, S, ROWS)
+    r = tl.load(SRC + in_rows[:, None] + real[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
     if HAS_BIAS:
-        a += tl.load(BIAS + bias_base + col_a)[None, :]
-        b += tl.load(BIAS + bias_base + col_b)[None, :]
-        r += tl.load(BIAS + bias_base + col_r)[None, :]
+        a += tl.load(BIAS + bias_base + 2 * offs_s)[None, :]
+        b += tl.load(BIAS + bias_base + 2 * offs_s + 1)[None, :]
+        r += tl.load(BIAS + bias_base + real)[None, :]
     if ROTATE:
         a, b = a * cos - b * sin, a * sin + b * cos
-    tl.store(OUT + out_rows + col_a[None, :], a.to(OUT.dtype.element_ty))
-    tl.store(OUT + out_rows + col_b[None, :], b.to(OUT.dtype.element_ty))
-    tl.store(OUT + out_rows + col_r[None, :], r.to(OUT.dtype.element_ty))
+    _store_pairs(OUT, out_rows, valid, a, b, S, ROWS)
+    tl.store(OUT + out_rows[:, None] + real[None, :], r.to(OUT.dtype.element_ty), mask=valid[:, None])
 
 
 @triton.jit
 def _rotate_keys_kernel(
     Bm, Cm, BBIAS, CBIAS, DT, PT, PHI0, BOUT, COUT,
     L, NUM_CHUNKS, H: tl.constexpr, G: tl.constexpr, H_FWD, N: tl.constexpr, S: tl.constexpr,
-    CHUNK: tl.constexpr, BATCH_PER_BIAS, HAS_BIAS: tl.constexpr, ROTATE: tl.constexpr, FAST: tl.constexpr,
+    CHUNK: tl.constexpr, ROWS: tl.constexpr, BATCH_PER_BIAS, HAS_BIAS: tl.constexpr, ROTATE: tl.constexpr,
+    FAST: tl.constexpr,
 ):
-    """Per (memory chunk, batch*head): B̄ = R(φ)(B + bias_h), C̄ likewise, from per-group B, C (B, L, G, N) to per-head
-    BOUT, COUT (B, L, H, N) in their dtype."""
-    c_mem = tl.program_id(0)
+    """Per (tile of ROWS rows, batch*head): B̄ = R(φ)(B + bias_h), C̄ likewise, from per-group B, C (B, L, G, N) to
+    per-head BOUT, COUT (B, L, H, N) in their dtype."""
     pid_bh = tl.program_id(1).to(tl.int64)
     batch = pid_bh // H
     head = pid_bh % H
     group = head // (H // G)
-    m = c_mem * CHUNK + tl.arange(0, CHUNK)
-    in_rows = ((batch * L + m) * G + group)[:, None] * N
-    out_rows = ((batch * L + m) * H + head)[:, None] * N
+    m = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    valid = m < L
+    in_rows = ((batch * L + m) * G + group) * N
+    out_rows = ((batch * L + m) * H + head) * N
     bias_base = ((batch // BATCH_PER_BIAS) * H + head) * N
     if ROTATE:
-        cos, sin, dt, pt, t, scan_chunk = _memory_chunk_angles(DT, PT, PHI0, batch, head, head >= H_FWD, c_mem, L,
-                                                               NUM_CHUNKS, H, S, CHUNK, FAST)
+        cos, sin, dt, pt, t, base_chunk = _tile_angles(DT, PT, PHI0, batch, head, head >= H_FWD, m, valid, L,
+                                                       NUM_CHUNKS, H, S, CHUNK, ROWS, FAST)
     else:
         cos = 0.0
         sin = 0.0
-    _write_rotated(Bm, BBIAS, BOUT, in_rows, out_rows, bias_base, cos, sin, S, N, HAS_BIAS, ROTATE)
-    _write_rotated(Cm, CBIAS, COUT, in_rows, out_rows, bias_base, cos, sin, S, N, HAS_BIAS, ROTATE)
+    _write_rotated(Bm, BBIAS, BOUT, in_rows, out_rows, valid, bias_base, cos, sin, S, N, ROWS, HAS_BIAS, ROTATE)
+    _write_rotated(Cm, CBIAS, COUT, in_rows, out_rows, valid, bias_base, cos, sin, S, N, ROWS, HAS_BIAS, ROTATE)
 
 
 @triton.jit
-def _key_grad(SRC, BIAS, DBAR, DBIAS, in_rows, grad_rows, bias_base, partial_base, cos, sin, S: tl.constexpr,
-              N: tl.constexpr, CHUNK: tl.constexpr, HAS_BIAS: tl.constexpr, ROTATE: tl.constexpr):
-    """One head's share of a key's gradient over one chunk: the gradient of B̄ (or C̄) taken back through the rotation
-    -> (d first members, d second members, d real half, dφ (CHUNK, S)); stores the chunk's bias-gradient partial."""
-    col_a, col_b, col_r = _pair_columns(S, N)
-    ga = tl.load(DBAR + grad_rows + col_a[None, :]).to(tl.float32)
-    gb = tl.load(DBAR + grad_rows + col_b[None, :]).to(tl.float32)
-    gr = tl.load(DBAR + grad_rows + col_r[None, :]).to(tl.float32)
-    dphi = tl.zeros((CHUNK, S), dtype=tl.float32)
+def _key_grad(SRC, BIAS, DBAR, DBIAS, in_rows, grad_rows, valid, bias_base, partial_base, cos, sin, S: tl.constexpr,
+              N: tl.constexpr, ROWS: tl.constexpr, HAS_BIAS: tl.constexpr, ROTATE: tl.constexpr):
+    """One head's share of a key's gradient over one tile: the gradient of B̄ (or C̄) taken back through the rotation
+    -> (d first members, d second members (ROWS, S), d rest (ROWS, N - 2 S), dφ (ROWS, S)); stores the tile's
+    bias-gradient partial."""
+    offs_s = tl.arange(0, S)
+    real = 2 * S + tl.arange(0, N - 2 * S)
+    ga, gb = _load_pairs(DBAR, grad_rows, valid, S, ROWS)
+    gr = tl.load(DBAR + grad_rows[:, None] + real[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+    dphi = tl.zeros((ROWS, S), dtype=tl.float32)
     if ROTATE:
-        a = tl.load(SRC + in_rows + col_a[None, :]).to(tl.float32)
-        b = tl.load(SRC + in_rows + col_b[None, :]).to(tl.float32)
+        a, b = _load_pairs(SRC, in_rows, valid, S, ROWS)
         if HAS_BIAS:
-            a += tl.load(BIAS + bias_base + col_a)[None, :]
-            b += tl.load(BIAS + bias_base + col_b)[None, :]
-        ra, rb = a * cos - b * sin, a * sin + b * cos
-        dphi = gb * ra - ga * rb
+            a += tl.load(BIAS + bias_base + 2 * offs_s)[None, :]
+            b += tl.load(BIAS + bias_base + 2 * offs_s + 1)[None, :]
+        dphi = gb * (a * cos - b * sin) - ga * (a * sin + b * cos)
         ga, gb = ga * cos + gb * sin, gb * cos - ga * sin
     if HAS_BIAS:
-        tl.store(DBIAS + partial_base + col_a, tl.sum(ga, axis=0))
-        tl.store(DBIAS + partial_base + col_b, tl.sum(gb, axis=0))
-        tl.store(DBIAS + partial_base + col_r, tl.sum(gr, axis=0))
+        tl.store(DBIAS + partial_base + 2 * offs_s, tl.sum(ga, axis=0))
+        tl.store(DBIAS + partial_base + 2 * offs_s + 1, tl.sum(gb, axis=0))
+        tl.store(DBIAS + partial_base + real, tl.sum(gr, axis=0))
     return ga, gb, gr, dphi
-
-
-@triton.jit
-def _store_key(OUT, rows, a, b, r, S: tl.constexpr, N: tl.constexpr):
-    col_a, col_b, col_r = _pair_columns(S, N)
-    tl.store(OUT + rows + col_a[None, :], a)
-    tl.store(OUT + rows + col_b[None, :], b)
-    tl.store(OUT + rows + col_r[None, :], r)
 
 
 @triton.jit
 def _key_grads_kernel(
     Bm, Cm, BBIAS, CBIAS, DT, PT, PHI0, DBBAR, DCBAR, DB, DC, DBBIAS, DCBIAS, DDT, DPHI0, DPT,
-    L, NUM_CHUNKS, H: tl.constexpr, G: tl.constexpr, H_FWD, N: tl.constexpr, S: tl.constexpr,
-    CHUNK: tl.constexpr, BATCH_PER_BIAS, HAS_BIAS: tl.constexpr, ROTATE: tl.constexpr, FAST: tl.constexpr,
+    L, NUM_CHUNKS, NUM_TILES, H: tl.constexpr, G: tl.constexpr, H_FWD, N: tl.constexpr, S: tl.constexpr,
+    CHUNK: tl.constexpr, ROWS: tl.constexpr, BATCH_PER_BIAS, HAS_BIAS: tl.constexpr, ROTATE: tl.constexpr,
+    FAST: tl.constexpr,
 ):
-    """Backward of ``_rotate_keys_kernel`` per (memory chunk, batch), looping over the heads.
+    """Backward of ``_rotate_keys_kernel`` per (tile, batch), looping over the heads.
 
-    DBBAR, DCBAR (B, L, H, N): gradients of B̄, C̄ -> DB, DC (B, L, G, N) fp32 (summed over each group's heads), per-chunk
-    bias-gradient partials DBBIAS, DCBIAS (B, NUM_CHUNKS, H, N), and with rotation the angle gradients: dφ_t (B and C
-    sides) gives DPHI0 (B, H, NUM_CHUNKS, S) = Σ_chunk dφ (scan chunk order), and with E_t the in-chunk suffix sum of
-    dφ in scan order, DDT (B, H, L) = Σ_j E_tj π tanh θ_tj (scan order) and DPT (B, L, S) = Σ_heads Δ_t E_t.
+    DBBAR, DCBAR (B, L, H, N): gradients of B̄, C̄ -> DB, DC (B, L, G, N) fp32 (summed over each group's heads), per-tile
+    bias-gradient partials DBBIAS, DCBIAS (B, NUM_TILES, H, N), and with rotation the angle gradients: the tile's
+    Σ dφ goes to its base chunk's start angle in DPHI0 (B, H, NUM_CHUNKS, S) (zero elsewhere), and with E_t the
+    in-tile suffix sum of dφ in scan order, DDT (B, H, L) = Σ_j E_tj π tanh θ_tj (scan order) and
+    DPT (B, L, S) = Σ_heads Δ_t E_t.
     """
-    c_mem = tl.program_id(0)
+    tile = tl.program_id(0)
     batch = tl.program_id(1).to(tl.int64)
-    m = c_mem * CHUNK + tl.arange(0, CHUNK)
+    m = tile * ROWS + tl.arange(0, ROWS)
+    valid = m < L
     offs_j = tl.arange(0, S)
-    d_pt = tl.zeros((CHUNK, S), dtype=tl.float32)
+    d_pt = tl.zeros((ROWS, S), dtype=tl.float32)
     for group in range(G):
-        in_rows = ((batch * L + m) * G + group)[:, None] * N
-        db_a = tl.zeros((CHUNK, S), dtype=tl.float32)
-        db_b = tl.zeros((CHUNK, S), dtype=tl.float32)
-        db_r = tl.zeros((CHUNK, N // 2), dtype=tl.float32)
-        dc_a = tl.zeros((CHUNK, S), dtype=tl.float32)
-        dc_b = tl.zeros((CHUNK, S), dtype=tl.float32)
-        dc_r = tl.zeros((CHUNK, N // 2), dtype=tl.float32)
+        in_rows = ((batch * L + m) * G + group) * N
+        db_a = tl.zeros((ROWS, S), dtype=tl.float32)
+        db_b = tl.zeros((ROWS, S), dtype=tl.float32)
+        db_r = tl.zeros((ROWS, N - 2 * S), dtype=tl.float32)
+        dc_a = tl.zeros((ROWS, S), dtype=tl.float32)
+        dc_b = tl.zeros((ROWS, S), dtype=tl.float32)
+        dc_r = tl.zeros((ROWS, N - 2 * S), dtype=tl.float32)
         for member in range(H // G):
             head = group * (H // G) + member
             rev = head >= H_FWD
-            grad_rows = ((batch * L + m) * H + head)[:, None] * N
+            grad_rows = ((batch * L + m) * H + head) * N
             bias_base = ((batch // BATCH_PER_BIAS) * H + head) * N
-            partial_base = ((batch * NUM_CHUNKS + c_mem) * H + head) * N
+            partial_base = ((batch * NUM_TILES + tile) * H + head) * N
             if ROTATE:
-                cos, sin, dt, pt, t, scan_chunk = _memory_chunk_angles(DT, PT, PHI0, batch, head, rev, c_mem, L,
-                                                                       NUM_CHUNKS, H, S, CHUNK, FAST)
+                cos, sin, dt, pt, t, base_chunk = _tile_angles(DT, PT, PHI0, batch, head, rev, m, valid, L,
+                                                               NUM_CHUNKS, H, S, CHUNK, ROWS, FAST)
             else:
                 cos = 0.0
                 sin = 0.0
-            ga, gb, gr, dphi_b = _key_grad(Bm, BBIAS, DBBAR, DBBIAS, in_rows, grad_rows, bias_base, partial_base,
-                                           cos, sin, S, N, CHUNK, HAS_BIAS, ROTATE)
+            ga, gb, gr, dphi_b = _key_grad(Bm, BBIAS, DBBAR, DBBIAS, in_rows, grad_rows, valid, bias_base,
+                                           partial_base, cos, sin, S, N, ROWS, HAS_BIAS, ROTATE)
             db_a += ga
             db_b += gb
             db_r += gr
-            ga, gb, gr, dphi_c = _key_grad(Cm, CBIAS, DCBAR, DCBIAS, in_rows, grad_rows, bias_base, partial_base,
-                                           cos, sin, S, N, CHUNK, HAS_BIAS, ROTATE)
+            ga, gb, gr, dphi_c = _key_grad(Cm, CBIAS, DCBAR, DCBIAS, in_rows, grad_rows, valid, bias_base,
+                                           partial_base, cos, sin, S, N, ROWS, HAS_BIAS, ROTATE)
             dc_a += ga
             dc_b += gb
             dc_r += gr
@@ -567,13 +572,21 @@ def _key_grads_kernel(
                 dphi = dphi_b + dphi_c
                 forward_sum = tl.cumsum(dphi, axis=0)
                 suffix = tl.where(rev, forward_sum, tl.sum(dphi, axis=0)[None, :] - forward_sum + dphi)
-                tl.store(DPHI0 + ((batch * H + head) * NUM_CHUNKS + scan_chunk) * S + offs_j, tl.sum(dphi, axis=0))
-                tl.store(DDT + (batch * H + head) * L + t, tl.sum(suffix * pt, axis=1))
+                tl.store(DPHI0 + ((batch * H + head) * NUM_CHUNKS + base_chunk) * S + offs_j, tl.sum(dphi, axis=0))
+                tl.store(DDT + (batch * H + head) * L + t, tl.sum(suffix * pt, axis=1), mask=valid)
                 d_pt += suffix * dt[:, None]
-        _store_key(DB, in_rows, db_a, db_b, db_r, S, N)
-        _store_key(DC, in_rows, dc_a, dc_b, dc_r, S, N)
+        real = 2 * S + tl.arange(0, N - 2 * S)
+        _store_pairs(DB, in_rows, valid, db_a, db_b, S, ROWS)
+        tl.store(DB + in_rows[:, None] + real[None, :], db_r, mask=valid[:, None])
+        _store_pairs(DC, in_rows, valid, dc_a, dc_b, S, ROWS)
+        tl.store(DC + in_rows[:, None] + real[None, :], dc_r, mask=valid[:, None])
     if ROTATE:
-        tl.store(DPT + (batch * L + m)[:, None] * S + offs_j[None, :], d_pt)
+        tl.store(DPT + (batch * L + m)[:, None] * S + offs_j[None, :], d_pt, mask=valid[:, None])
+
+
+def _tile_rows(chunk_size: int) -> int:
+    """Rows per program of the rotation passes: a whole number of chunks, at least 64."""
+    return chunk_size * max(1, 64 // chunk_size)
 
 
 class _RotatedKeys(torch.autograd.Function):
@@ -587,15 +600,18 @@ class _RotatedKeys(torch.autograd.Function):
     def forward(ctx, Bm, Cm, B_bias, C_bias, dt, pt, phi0, heads, fwd_heads, chunk_size, dtype):
         batch, length, groups, state_dim = Bm.shape
         rotate, has_bias = pt is not None, B_bias is not None
+        rows = _tile_rows(chunk_size)
         dims = dict(L=length, NUM_CHUNKS=length // chunk_size, H=heads, G=groups, H_FWD=fwd_heads, N=state_dim,
-                    S=state_dim // 4, CHUNK=chunk_size, BATCH_PER_BIAS=batch // B_bias.shape[0] if has_bias else 1,
-                    HAS_BIAS=has_bias, ROTATE=rotate, FAST=not _INTERPRETED)
+                    S=state_dim // 4, CHUNK=chunk_size, ROWS=rows,
+                    BATCH_PER_BIAS=batch // B_bias.shape[0] if has_bias else 1, HAS_BIAS=has_bias, ROTATE=rotate,
+                    FAST=not _INTERPRETED)
         dummy = Bm
         args = (B_bias if has_bias else dummy, C_bias if has_bias else dummy,
                 *((dt, pt, phi0) if rotate else (dummy, dummy, dummy)))
         B_bar = torch.empty(batch, length, heads, state_dim, device=Bm.device, dtype=dtype)
         C_bar = torch.empty_like(B_bar)
-        _rotate_keys_kernel[(dims["NUM_CHUNKS"], batch * heads)](Bm, Cm, *args, B_bar, C_bar, num_warps=4, **dims)
+        _rotate_keys_kernel[(triton.cdiv(length, rows), batch * heads)](Bm, Cm, *args, B_bar, C_bar, num_warps=4,
+                                                                        **dims)
         ctx.save_for_backward(Bm, Cm, *args)
         ctx.dims = dims
         return B_bar, C_bar
@@ -605,19 +621,21 @@ class _RotatedKeys(torch.autograd.Function):
         Bm, Cm, B_bias, C_bias, dt, pt, phi0 = ctx.saved_tensors
         dims = ctx.dims
         batch, length, groups, state_dim = Bm.shape
-        heads, num_chunks, rotate, has_bias = dims["H"], dims["NUM_CHUNKS"], dims["ROTATE"], dims["HAS_BIAS"]
+        heads, rotate, has_bias = dims["H"], dims["ROTATE"], dims["HAS_BIAS"]
+        num_tiles = triton.cdiv(length, dims["ROWS"])
         dB = torch.empty(Bm.shape, device=Bm.device, dtype=torch.float32)
         dC = torch.empty_like(dB)
         f32 = dict(device=Bm.device, dtype=torch.float32)
-        bias_parts = [torch.empty(batch, num_chunks, heads, state_dim, **f32) for _ in range(2)] if has_bias else [dB, dB]
-        ddt, dphi0, dpt = (torch.empty_like(dt), torch.empty_like(phi0), torch.empty_like(pt)) if rotate \
+        bias_parts = [torch.empty(batch, num_tiles, heads, state_dim, **f32) for _ in range(2)] if has_bias \
+            else [dB, dB]
+        ddt, dphi0, dpt = (torch.empty_like(dt), torch.zeros_like(phi0), torch.empty_like(pt)) if rotate \
             else (dB, dB, dB)
-        _key_grads_kernel[(num_chunks, batch)](Bm, Cm, B_bias, C_bias, dt, pt, phi0, dB_bar.contiguous(),
-                                               dC_bar.contiguous(), dB, dC, *bias_parts, ddt, dphi0, dpt,
-                                               num_warps=4, **dims)
+        _key_grads_kernel[(num_tiles, batch)](Bm, Cm, B_bias, C_bias, dt, pt, phi0, dB_bar.contiguous(),
+                                              dC_bar.contiguous(), dB, dC, *bias_parts, ddt, dphi0, dpt,
+                                              NUM_TILES=num_tiles, num_warps=4, **dims)
         d_bias = [None, None]
         if has_bias:
-            per_bias = (B_bias.shape[0], batch // B_bias.shape[0], num_chunks, heads, state_dim)
+            per_bias = (B_bias.shape[0], batch // B_bias.shape[0], num_tiles, heads, state_dim)
             d_bias = [part.view(per_bias).sum((1, 2)) for part in bias_parts]
         if not rotate:
             ddt = dphi0 = dpt = None
@@ -626,7 +644,7 @@ class _RotatedKeys(torch.autograd.Function):
 
 def _num_blocks(num_chunks: int, batch_heads: int, target_programs: int) -> tuple[int, int]:
     """-> (chunks per block, number of blocks) giving about ``target_programs`` programs over (blocks, batch*heads)."""
-    wanted = max(1, min(num_chunks, -(-target_programs // batch_heads)))
+    wanted = max(1, min(num_chunks, target_programs // batch_heads))
     per_block = -(-num_chunks // wanted)
     return per_block, -(-num_chunks // per_block)
 

@@ -97,7 +97,7 @@ def compare_fused(dtype_name: str, seed: int, reversed_heads: int = 0, inline_ro
         return [y.detach().double()] + [a.grad.double() for a in args.values()]
 
     reference = run(scan_fused_ref, torch.float64, chunk_size=16, reversed_heads=reversed_heads)
-    # 5 chunks -> 3 blocks per row
+    # 5 chunks -> 2 blocks per row
     triton_out = run(mamba3_scan, dtype, chunk_size=16, target_programs=40, reversed_heads=reversed_heads,
                      inline_rotation=inline_rotation)
     names = ["y"] + ["d" + k for k in inputs]
