@@ -232,8 +232,9 @@ CHUNK = 32  # chunk size of our op in the timings below; ``tune`` may change it
 
 def tune_fused():
     """Launch settings of the fused op: chunk size, programs, warps (forward / backward kernels) and pipelining
-    stages, timed at L = 1K (batch 64) and at the split layer's shape (L = 8K, batch 8, 12 of 24 heads right to
-    left). The fastest at the layer's shape becomes the default (``LAUNCH_DEFAULTS``, ``CHUNK``) for what follows."""
+    stages of the scan, then warps and stages of the rotation passes, timed at L = 1K (batch 64) and at the split
+    layer's shape (L = 8K, batch 8, 12 of 24 heads right to left). The fastest at the sum of both becomes the default
+    (``LAUNCH_DEFAULTS``, ``ROTATION_LAUNCH``, ``CHUNK``) for what follows."""
     global CHUNK
     import kernels.mamba3_scan as scan_module
 
@@ -243,30 +244,42 @@ def tune_fused():
         inp = op_inputs(batch, length, seed=4)
         data.append((inp, torch.randn(batch, length, HEADS, HEADDIM, device="cuda", dtype=torch.bfloat16), rev))
     grads = ["x", "B", "C", "dt", "theta", "A", "trap"]
-    print("\n## fused op launch settings (ms, fwd+bwd): L=1K batch 64 | L=8K batch 8 with 12 heads right to left")
-    best = None
-    configs = ((32, 1024, 4, 8, 2), (32, 2048, 4, 8, 2), (32, 4096, 4, 8, 2), (16, 2048, 4, 4, 2),
-               (16, 2048, 4, 8, 2), (16, 4096, 4, 4, 2), (16, 4096, 4, 8, 3))
-    for chunk, programs, warps, bwd_warps, stages in configs:
-        launch = dict(target_programs=programs, num_warps=warps, bwd_num_warps=bwd_warps, num_stages=stages)
+
+    def time_both(chunk, label):
         times = []
         for inp, dy, rev in data:
             def run():
-                ours(with_grad(inp, grads), chunk_size=chunk, reversed_heads=rev, **launch).backward(dy)
+                ours(with_grad(inp, grads), chunk_size=chunk, reversed_heads=rev).backward(dy)
             try:
                 times.append(bench_ms(run))
             except Exception as error:  # e.g. out of shared memory: reported, not fatal
-                print(f"chunk {chunk} {launch}: failed ({type(error).__name__}: {str(error)[:80]})")
-                break
-        if len(times) < len(data):
-            continue
-        print(f"chunk {chunk:3d} programs {programs:5d} warps {warps}/{bwd_warps} stages {stages}: "
-              + " | ".join(f"{ms:7.2f}" for ms in times), flush=True)
-        if best is None or times[-1] < best[0]:
-            best = (times[-1], chunk, launch)
+                print(f"{label}: failed ({type(error).__name__}: {str(error)[:80]})")
+                return None
+        print(f"{label}: " + " | ".join(f"{ms:7.2f}" for ms in times), flush=True)
+        return sum(times)
+
+    print("\n## fused op launch settings (ms, fwd+bwd): L=1K batch 64 | L=8K batch 8 with 12 heads right to left")
+    best = None
+    for chunk, programs, warps, bwd_warps, stages in ((32, 2048, 4, 8, 2), (32, 1024, 4, 8, 2), (16, 2048, 4, 4, 2),
+                                                      (32, 2048, 4, 4, 2)):
+        launch = dict(target_programs=programs, num_warps=warps, bwd_num_warps=bwd_warps, num_stages=stages)
+        scan_module.LAUNCH_DEFAULTS.update(launch)
+        total = time_both(chunk, f"scan: chunk {chunk:3d} programs {programs:5d} warps {warps}/{bwd_warps} "
+                                 f"stages {stages}")
+        if total is not None and (best is None or total < best[0]):
+            best = (total, chunk, launch)
     CHUNK = best[1]
     scan_module.LAUNCH_DEFAULTS.update(best[2])
-    print(f"default for the rest of the run: chunk {CHUNK}, {best[2]}")
+    best = None
+    for warps, bwd_warps, stages in ((4, 4, 1), (4, 4, 2), (4, 8, 2), (4, 8, 3), (8, 8, 2), (2, 4, 3)):
+        launch = dict(num_warps=warps, bwd_num_warps=bwd_warps, num_stages=stages)
+        scan_module.ROTATION_LAUNCH.update(launch)
+        total = time_both(CHUNK, f"rotation passes: warps {warps}/{bwd_warps} stages {stages}")
+        if total is not None and (best is None or total < best[0]):
+            best = (total, launch)
+    scan_module.ROTATION_LAUNCH.update(best[1])
+    print(f"default for the rest of the run: chunk {CHUNK}, {scan_module.LAUNCH_DEFAULTS}, rotation "
+          f"{scan_module.ROTATION_LAUNCH}")
 
 
 def profile_op(length=1024, batch=64, rows=14):
@@ -304,11 +317,11 @@ def profile_layer(layer, x, label, rows=22):
 
     step()
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
         step()
         torch.cuda.synchronize()
-    print(f"\n## profile: {label}")
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=60))
+    print(f"\n## profile: {label} (kernels by CUDA time)")
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=rows, max_name_column_width=70))
 
 
 def time_layers(lengths, profile_at=8192, modes=("separate", "split")):
@@ -321,13 +334,17 @@ def time_layers(lengths, profile_at=8192, modes=("separate", "split")):
     attention = TransformerBackbone(dim, 1, 12).cuda()
     target = sum(p.numel() for p in attention.parameters())
     layers = {"attention": attention}
-    for mode in modes:
-        probe = Mamba3Block(dim, mlp_ratio=1.0, bidirectional=mode)
+    for mode in modes + (modes[-1] + "/64",):
+        probe = Mamba3Block(dim, mlp_ratio=1.0, bidirectional=mode.split("/")[0])
         mixer_params = sum(p.numel() for p in probe.mixer.parameters())
         mlp_ratio = (target - mixer_params - 4 * dim - dim) / (2 * dim * dim + dim)
-        layers[mode] = Mamba3Block(dim, mlp_ratio=mlp_ratio, bidirectional=mode, chunk_size=CHUNK).cuda()
-        print(f"mamba3 {mode}: mlp_ratio {mlp_ratio:.2f}, {sum(p.numel() for p in layers[mode].parameters()) / 1e6:.2f}M "
-              f"parameters (attention {target / 1e6:.2f}M)")
+        if mode.endswith("/64"):  # MLP width rounded to a multiple of 64 (GEMM-friendly), parameters within 1%
+            mlp_ratio = round(dim * mlp_ratio / 64) * 64 / dim
+        layers[mode] = Mamba3Block(dim, mlp_ratio=mlp_ratio, bidirectional=mode.split("/")[0],
+                                   chunk_size=CHUNK).cuda()
+        print(f"mamba3 {mode}: MLP hidden {int(dim * mlp_ratio)}, "
+              f"{sum(p.numel() for p in layers[mode].parameters()) / 1e6:.3f}M parameters (attention "
+              f"{target / 1e6:.3f}M)")
     print("\n## layers fwd+bwd, dim 768, bf16 autocast, 64K tokens/step: ms / Mtok/s / peak GiB")
     print(f"{'L':>6} {'batch':>5} " + " ".join(f"{name:>24}" for name in layers))
     for length in lengths:
@@ -348,7 +365,9 @@ def time_layers(lengths, profile_at=8192, modes=("separate", "split")):
             cells.append(f"{ms:8.2f} {TOKENS / ms / 1e3:6.2f} {torch.cuda.max_memory_allocated() / 2**30:6.2f}")
         print(f"{length:>6} {batch:>5} " + " ".join(f"{c:>24}" for c in cells), flush=True)
         if length == profile_at:
-            profile_layer(layers[modes[-1]], x, f"mamba3 {modes[-1]} block, L={length}, batch {batch}")
+            profile_layer(layers[modes[-1]], x, f"mamba3 {modes[-1]} block, L={length}, batch {batch}", rows=40)
+            profile_layer(lambda v: attention(v, pos, None), x, f"attention block, L={length}, batch {batch}",
+                          rows=25)
         del x
         torch.cuda.empty_cache()
 

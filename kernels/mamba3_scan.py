@@ -522,7 +522,7 @@ def _key_grads_kernel(
     Bm, Cm, BBIAS, CBIAS, DT, PT, PHI0, DBBAR, DCBAR, DB, DC, DBBIAS, DCBIAS, DDT, DPHI0, DPT,
     L, NUM_CHUNKS, NUM_TILES, H: tl.constexpr, G: tl.constexpr, H_FWD, N: tl.constexpr, S: tl.constexpr,
     CHUNK: tl.constexpr, ROWS: tl.constexpr, BATCH_PER_BIAS, HAS_BIAS: tl.constexpr, ROTATE: tl.constexpr,
-    FAST: tl.constexpr,
+    FAST: tl.constexpr, STAGES: tl.constexpr,
 ):
     """Backward of ``_rotate_keys_kernel`` per (tile, batch), looping over the heads.
 
@@ -546,7 +546,7 @@ def _key_grads_kernel(
         dc_a = tl.zeros((ROWS, S), dtype=tl.float32)
         dc_b = tl.zeros((ROWS, S), dtype=tl.float32)
         dc_r = tl.zeros((ROWS, N - 2 * S), dtype=tl.float32)
-        for member in range(H // G):
+        for member in tl.range(0, H // G, num_stages=STAGES):
             head = group * (H // G) + member
             rev = head >= H_FWD
             grad_rows = ((batch * L + m) * H + head) * N
@@ -610,8 +610,8 @@ class _RotatedKeys(torch.autograd.Function):
                 *((dt, pt, phi0) if rotate else (dummy, dummy, dummy)))
         B_bar = torch.empty(batch, length, heads, state_dim, device=Bm.device, dtype=dtype)
         C_bar = torch.empty_like(B_bar)
-        _rotate_keys_kernel[(triton.cdiv(length, rows), batch * heads)](Bm, Cm, *args, B_bar, C_bar, num_warps=4,
-                                                                        **dims)
+        _rotate_keys_kernel[(triton.cdiv(length, rows), batch * heads)](
+            Bm, Cm, *args, B_bar, C_bar, num_warps=ROTATION_LAUNCH["num_warps"], **dims)
         ctx.save_for_backward(Bm, Cm, *args)
         ctx.dims = dims
         return B_bar, C_bar
@@ -632,7 +632,8 @@ class _RotatedKeys(torch.autograd.Function):
             else (dB, dB, dB)
         _key_grads_kernel[(num_tiles, batch)](Bm, Cm, B_bias, C_bias, dt, pt, phi0, dB_bar.contiguous(),
                                               dC_bar.contiguous(), dB, dC, *bias_parts, ddt, dphi0, dpt,
-                                              NUM_TILES=num_tiles, num_warps=4, **dims)
+                                              NUM_TILES=num_tiles, STAGES=ROTATION_LAUNCH["num_stages"],
+                                              num_warps=ROTATION_LAUNCH["bwd_num_warps"], **dims)
         d_bias = [None, None]
         if has_bias:
             per_bias = (B_bias.shape[0], batch // B_bias.shape[0], num_tiles, heads, state_dim)
@@ -730,7 +731,7 @@ class _Mamba3ScanCore(torch.autograd.Function):
                                  ddt, dphi0, dk_bias_part, d_arg, d_skip_part, HAS_D=has_d, num_warps=bwd_warps,
                                  **dims)
         d_cs = q_dq - w * dw
-        d_alog = torch.flip(torch.cumsum(torch.flip(d_cs, (-1,)), -1), (-1,))
+        d_alog = d_cs.sum(-1, keepdim=True) - torch.cumsum(d_cs, -1) + d_cs  # reverse cumulative sum
         d_qbias = d_kbias = None
         if has_bias:
             per_bias = (qb.shape[0], batch // qb.shape[0], heads, num_blocks, state_dim)
@@ -782,7 +783,9 @@ def supports(d_state: int, headdim: int, chunk_size: int) -> bool:
 
 
 # Launch settings used when a call gives none (benchmarks/mamba3.py measured them on an H100; see BENCHMARKS.md).
-LAUNCH_DEFAULTS = dict(target_programs=1024, num_warps=4, bwd_num_warps=8, num_stages=2)
+LAUNCH_DEFAULTS = dict(target_programs=2048, num_warps=4, bwd_num_warps=8, num_stages=2)
+# Warps of the rotation pass and of its gradient pass, and the pipelining depth of the latter's loop over heads.
+ROTATION_LAUNCH = dict(num_warps=4, bwd_num_warps=4, num_stages=2)
 
 
 def _scan_order(v: torch.Tensor, fwd_heads: int) -> torch.Tensor:
@@ -837,8 +840,9 @@ def mamba3_scan(x, dt, A, lam, Bm, Cm, D=None, chunk_size: int = 32, target_prog
     padded = length + pad
     xs, Cq, Bk = x, Cm.to(x.dtype), Bm.to(x.dtype)
     # per-head scalars in each head's scan order, (B, H, L) fp32; padding (Δ = 0: no state change) at the memory end
-    dt_s, A_s, lam_s = (_scan_order(F.pad(v.float(), (0, 0, 0, pad)).transpose(1, 2), fwd_heads)
-                        for v in (dt, A, lam))
+    scalars = torch.stack((dt.float(), A.float(), lam.float()))  # (3, B, L, H)
+    scalars = _scan_order(F.pad(scalars, (0, 0, 0, pad)).permute(0, 1, 3, 2).flatten(0, 1), fwd_heads).contiguous()
+    dt_s, A_s, lam_s = scalars.unflatten(0, (3, batch)).unbind(0)  # each (B, H, L), contiguous
     g = lam_s * dt_s
     w = g + F.pad(((1 - lam_s) * dt_s)[..., 1:], (0, 1))  # trapezoid: w_s = g_s + (1 - λ_{s+1}) Δ_{s+1}
     a_log = dt_s * A_s
@@ -858,7 +862,7 @@ def mamba3_scan(x, dt, A, lam, Bm, Cm, D=None, chunk_size: int = 32, target_prog
         pad_tokens = (0, 0, 0, 0, 0, pad)
         xs, Cq, Bk = (F.pad(v, pad_tokens) for v in (x, Cq, Bk))
     d_skip = None if D is None else D.float()
-    scalars = (a_log.contiguous(), w.contiguous(), g.contiguous(), dt_s.contiguous())
+    scalars = (a_log, w.contiguous(), g, dt_s)
     if (B_bias is not None or pt is not None) and not inline_rotation:
         # B̄, C̄ per head from one parallel pass (and their gradients from one more), then the plain scan
         Bk, Cq = _RotatedKeys.apply(Bk.contiguous(), Cq.contiguous(), B_bias, C_bias, scalars[3], pt, phi0, heads,
