@@ -331,9 +331,11 @@ def _chunk_dkdx_kernel(
     L, H: tl.constexpr, G: tl.constexpr, H_FWD, NUM_CHUNKS, CHUNKS_PER_BLOCK, NUM_BLOCKS,
     N: tl.constexpr, P: tl.constexpr, CHUNK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BATCH_PER_BIAS, S: tl.constexpr, HAS_BIAS: tl.constexpr, ROTATE: tl.constexpr, FAST: tl.constexpr,
-    HAS_D: tl.constexpr, STAGES: tl.constexpr,
+    HAS_D: tl.constexpr, STAGES: tl.constexpr, PART: tl.constexpr,
 ):
     """dB per head (B, L, H, N) (unrotated), dx (B, L, H, P), dw and dg (B, H, L), walking the block's chunks backward.
+    ``PART``: 0 all of it; 1 the dB side (dB, dw, dg, angles, bias); 2 the x side (dx, dD). Split in two launches,
+    each walks the reverse state itself, with fewer live tiles per program (see ``SPLIT_DKDX``).
 
     DSTATE_OUT (B, H, NUM_BLOCKS, N, P): ``Σ_{t > block end} e^{cs_t - cs_end} C̄_t dy_tᵀ``.
     With rotation, dφ_t = (C side, read from DPHI) + (B side) gives: DPHI0 (B, H, NUM_CHUNKS, S) = Σ_chunk dφ_t (the
@@ -366,42 +368,44 @@ def _chunk_dkdx_kernel(
         x = tl.load(X + xy_offs)
         dy = tl.load(DY + xy_offs)
         to_end = tl.exp(chunk_total - cs)
-        dk_raw = _mm(x, tl.trans(dstate).to(x.dtype), PRECISION, UPCAST) * to_end[:, None]
-        dx = _mm(k, dstate.to(k.dtype), PRECISION, UPCAST) * (to_end * w)[:, None]
-        k_q = _mm(k, tl.trans(q), PRECISION, UPCAST)  # [s, t] = B̄_s · C̄_t
-        x_dy = _mm(x, tl.trans(dy), PRECISION, UPCAST)  # [s, t] = x_s · dy_t
         decay = tl.where(above, tl.exp(tl.minimum(cs[None, :] - cs[:, None], 0.0)), 0.0)
-        weight = decay * w[:, None] + tl.where(diagonal, g[:, None], 0.0)
-        dx += _mm((k_q * weight).to(dy.dtype), dy, PRECISION, UPCAST)
-        dk_raw += _mm((x_dy * decay).to(q.dtype), q, PRECISION, UPCAST)
-        diag_qk = tl.sum(tl.where(diagonal, k_q, 0.0), axis=1)
-        diag_xdy = tl.sum(tl.where(diagonal, x_dy, 0.0), axis=1)
-        dw = tl.sum(dk_raw * k.to(tl.float32), axis=1)
-        dk = dk_raw * w[:, None] + (g * diag_xdy)[:, None] * q.to(tl.float32)
-        if ROTATE:
-            dk, dphi = _unrotate(dk, k_wide, cos, sin, CHUNK, N)
-            offs_j = tl.arange(0, S)
-            dphi_offs = (pid_bh * L + m[:, None]) * S + offs_j[None, :]
-            dphi += tl.load(DPHI + dphi_offs)
-            chunk_dphi = tl.sum(dphi, axis=0)
-            suffix = chunk_dphi[None, :] - tl.cumsum(dphi, axis=0) + dphi
-            tl.store(DPHI0 + phi0_base + chunk * S + offs_j, chunk_dphi)
-            tl.store(DDT + scalar_base + t, tl.sum(suffix * pt, axis=1))
-            tl.store(DPHI + dphi_offs, suffix * dt[:, None])
-        if HAS_BIAS:
-            bias_grad += tl.sum(dk, axis=0)
-        if HAS_D:
-            dx += tl.load(DSKIP + head) * dy.to(tl.float32)
-            d_skip += tl.sum(tl.sum(dy.to(tl.float32) * x.to(tl.float32), axis=1), axis=0)
-        tl.store(DK + ((batch * L + m) * H + head)[:, None] * N + mem_n[None, :], dk.to(DK.dtype.element_ty))
-        tl.store(DX + xy_offs, dx.to(DX.dtype.element_ty))
-        tl.store(DW + scalar_base + t, dw)
-        tl.store(DG + scalar_base + t, diag_qk * diag_xdy)
+        if PART != 2:  # dB side: dB̄, dw, dg (+ angles and bias with inline rotation)
+            x_dy = _mm(x, tl.trans(dy), PRECISION, UPCAST)  # [s, t] = x_s · dy_t
+            dk_raw = _mm(x, tl.trans(dstate).to(x.dtype), PRECISION, UPCAST) * to_end[:, None]
+            dk_raw += _mm((x_dy * decay).to(q.dtype), q, PRECISION, UPCAST)
+            diag_xdy = tl.sum(tl.where(diagonal, x_dy, 0.0), axis=1)
+            dw = tl.sum(dk_raw * k.to(tl.float32), axis=1)
+            dk = dk_raw * w[:, None] + (g * diag_xdy)[:, None] * q.to(tl.float32)
+            if ROTATE:
+                dk, dphi = _unrotate(dk, k_wide, cos, sin, CHUNK, N)
+                offs_j = tl.arange(0, S)
+                dphi_offs = (pid_bh * L + m[:, None]) * S + offs_j[None, :]
+                dphi += tl.load(DPHI + dphi_offs)
+                chunk_dphi = tl.sum(dphi, axis=0)
+                suffix = chunk_dphi[None, :] - tl.cumsum(dphi, axis=0) + dphi
+                tl.store(DPHI0 + phi0_base + chunk * S + offs_j, chunk_dphi)
+                tl.store(DDT + scalar_base + t, tl.sum(suffix * pt, axis=1))
+                tl.store(DPHI + dphi_offs, suffix * dt[:, None])
+            if HAS_BIAS:
+                bias_grad += tl.sum(dk, axis=0)
+            tl.store(DK + ((batch * L + m) * H + head)[:, None] * N + mem_n[None, :], dk.to(DK.dtype.element_ty))
+            tl.store(DW + scalar_base + t, dw)
+            diag_qk = tl.sum(k.to(tl.float32) * q.to(tl.float32), axis=1)  # B̄_t · C̄_t
+            tl.store(DG + scalar_base + t, diag_qk * diag_xdy)
+        if PART != 1:  # x side: dx (+ D dy, dD)
+            k_q = _mm(k, tl.trans(q), PRECISION, UPCAST)  # [s, t] = B̄_s · C̄_t
+            weight = decay * w[:, None] + tl.where(diagonal, g[:, None], 0.0)
+            dx = _mm(k, dstate.to(k.dtype), PRECISION, UPCAST) * (to_end * w)[:, None]
+            dx += _mm((k_q * weight).to(dy.dtype), dy, PRECISION, UPCAST)
+            if HAS_D:
+                dx += tl.load(DSKIP + head) * dy.to(tl.float32)
+                d_skip += tl.sum(tl.sum(dy.to(tl.float32) * x.to(tl.float32), axis=1), axis=0)
+            tl.store(DX + xy_offs, dx.to(DX.dtype.element_ty))
         q_from_start = (q * tl.exp(cs)[:, None]).to(q.dtype)
         dstate = dstate * tl.exp(chunk_total) + _mm(tl.trans(q_from_start), dy, PRECISION, UPCAST)
-    if HAS_BIAS:
+    if HAS_BIAS and PART != 2:
         tl.store(DKBIAS + (pid_bh * NUM_BLOCKS + pid_block) * N + mem_n, bias_grad)
-    if HAS_D:
+    if HAS_D and PART != 1:
         tl.store(DD + pid_bh * NUM_BLOCKS + pid_block, d_skip)
 
 
@@ -727,9 +731,10 @@ class _Mamba3ScanCore(torch.autograd.Function):
         d_skip_part = torch.empty(batch, heads, num_blocks, device=x.device, dtype=torch.float32) if has_d else a_log
         _chunk_dq_kernel[grid](q, k, x, dy, a_log, w, g, state_in, dq, q_dq, qb, kb, dt, pt, phi0, dphi,
                                dq_bias_part, num_warps=bwd_warps, **dims)
-        _chunk_dkdx_kernel[grid](q, k, x, dy, a_log, w, g, dstate_out, dk, dx, dw, dg, qb, kb, dt, pt, phi0, dphi,
-                                 ddt, dphi0, dk_bias_part, d_arg, d_skip_part, HAS_D=has_d, num_warps=bwd_warps,
-                                 **dims)
+        for part in (1, 2) if SPLIT_DKDX else (0,):
+            _chunk_dkdx_kernel[grid](q, k, x, dy, a_log, w, g, dstate_out, dk, dx, dw, dg, qb, kb, dt, pt, phi0,
+                                     dphi, ddt, dphi0, dk_bias_part, d_arg, d_skip_part, HAS_D=has_d, PART=part,
+                                     num_warps=bwd_warps, **dims)
         d_cs = q_dq - w * dw
         d_alog = d_cs.sum(-1, keepdim=True) - torch.cumsum(d_cs, -1) + d_cs  # reverse cumulative sum
         d_qbias = d_kbias = None
@@ -784,6 +789,8 @@ def supports(d_state: int, headdim: int, chunk_size: int) -> bool:
 
 # Launch settings used when a call gives none (benchmarks/mamba3.py measured them on an H100; see BENCHMARKS.md).
 LAUNCH_DEFAULTS = dict(target_programs=2048, num_warps=4, bwd_num_warps=8, num_stages=2)
+# Whether the dB side and the x side of the backward walk run as two launches (``_chunk_dkdx_kernel`` PART 1, 2).
+SPLIT_DKDX = True
 # Warps of the rotation pass and of its gradient pass, and the pipelining depth of the latter's loop over heads.
 ROTATION_LAUNCH = dict(num_warps=4, bwd_num_warps=4, num_stages=2)
 
