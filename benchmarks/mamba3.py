@@ -285,13 +285,11 @@ def tune_fused():
             best = (total, chunk, launch)
     CHUNK = best[1]
     scan_module.LAUNCH_DEFAULTS.update(best[2])
+    walk = {}
     for split in (False, True):
         scan_module.SPLIT_DKDX = split
-        total = time_both(CHUNK, f"backward walk in {'two launches' if split else 'one launch'}")
-        if total is not None and total < best[0]:
-            best = (total, CHUNK, best[2])
-        elif split:
-            scan_module.SPLIT_DKDX = False
+        walk[split] = time_both(CHUNK, f"backward walk in {'two launches' if split else 'one launch'}")
+    scan_module.SPLIT_DKDX = min(walk, key=lambda k: float("inf") if walk[k] is None else walk[k])
     best = None
     for warps, bwd_warps, stages in ((4, 4, 1), (4, 4, 2), (4, 8, 2), (4, 8, 3), (8, 8, 2), (2, 4, 3)):
         launch = dict(num_warps=warps, bwd_num_warps=bwd_warps, num_stages=stages)
