@@ -1,7 +1,7 @@
 """Mamba-3 benchmark (GPU): correctness of the Triton scan, then fwd+bwd time of our op vs the official Mamba-3 SISO
 Triton op vs SDPA flash attention, and whole backbone layers at matched parameters. Prints tables.
 
-    python benchmarks/mamba3.py [--official .whl/mamba_official] [--quick] [--skip check,tune,profile,layers,ops,sweep]
+    python benchmarks/mamba3.py [--official .whl/mamba_official] [--quick] [--skip check,tune,blocks,profile,layers,ops,sweep]
 
 Order: correctness (op vs float64 reference, ours vs official, whole block CUDA vs CPU reference), launch-setting
 tuning of the fused op (``tune``: the fastest becomes the default for the rest of the run), layers (with a
@@ -302,6 +302,26 @@ def tune_fused():
           f"{scan_module.ROTATION_LAUNCH}, backward walk split: {scan_module.SPLIT_DKDX}")
 
 
+def time_blocks():
+    """How many sequence blocks (programs per batch*head) and the block scan's tile, at L = 4K and 64K."""
+    import kernels.mamba3_scan as scan_module
+
+    grads = ["x", "B", "C", "dt", "theta", "A", "trap"]
+    print("\n## sequence blocks: target programs x block-scan tile (ms, fwd+bwd)")
+    for length, batch in ((4096, 16), (65536, 1)):
+        inp = op_inputs(batch, length, seed=6)
+        dy = torch.randn(batch, length, HEADS, HEADDIM, device="cuda", dtype=torch.bfloat16)
+        for tile in (256, 1024):
+            scan_module.BLOCK_SCAN_TILE = tile
+            cells = []
+            for programs in (384, 768, 1152, 2048, 4096):
+                def run():
+                    ours(with_grad(inp, grads), chunk_size=CHUNK, target_programs=programs).backward(dy)
+                cells.append(f"{programs}: {bench_ms(run):6.2f}")
+            print(f"L={length:6d} batch {batch:3d} tile {tile:5d}  " + "  ".join(cells), flush=True)
+    scan_module.BLOCK_SCAN_TILE = 1024
+
+
 def profile_op(length=1024, batch=64, rows=14):
     """torch.profiler table (CUDA time) of one fwd+bwd of the fused op."""
     from torch.profiler import ProfilerActivity, profile
@@ -417,7 +437,7 @@ def main():
     parser.add_argument("--official", default=".whl/mamba_official")
     parser.add_argument("--full-autotune", action="store_true", help="let the official op autotune all its configs")
     parser.add_argument("--quick", action="store_true", help="fewer lengths, no sweep")
-    parser.add_argument("--skip", default="", help="comma list of: check,tune,profile,layers,ops,sweep")
+    parser.add_argument("--skip", default="", help="comma list of: check,tune,blocks,profile,layers,ops,sweep")
     args = parser.parse_args()
     skip = set(args.skip.split(","))
     torch.manual_seed(0)
@@ -430,8 +450,11 @@ def main():
         check_layer()
     if "tune" not in skip:
         tune_fused()
+    if "blocks" not in skip:
+        time_blocks()
     if "profile" not in skip:
         profile_op()
+        profile_op(65536, 1)
     if "layers" not in skip:  # the layer comparison first: it is the open target
         time_layers([1024, 8192, 65536] if args.quick else [1024, 4096, 8192, 16384, 65536])
     lengths = [1024, 65536] if args.quick else [1024, 4096, 16384, 65536]

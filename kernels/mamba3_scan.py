@@ -757,7 +757,7 @@ def _scan_blocks(state: torch.Tensor, block_decay: torch.Tensor, reverse: bool) 
     """In place: state (B, H, NUM_BLOCKS, N, P) local block sums -> states entering each block (see kernel)."""
     batch, heads, num_blocks, state_dim, headdim = state.shape
     size = state_dim * headdim
-    tile = min(1024, size)
+    tile = min(BLOCK_SCAN_TILE, size)
     _block_scan_kernel[(batch * heads, triton.cdiv(size, tile))](
         state, block_decay, num_blocks, SIZE=size, TILE=tile, REVERSE=reverse
     )
@@ -788,11 +788,13 @@ def supports(d_state: int, headdim: int, chunk_size: int) -> bool:
 
 
 # Launch settings used when a call gives none (benchmarks/mamba3.py measured them on an H100; see BENCHMARKS.md).
-LAUNCH_DEFAULTS = dict(target_programs=2048, num_warps=4, bwd_num_warps=8, num_stages=2)
+LAUNCH_DEFAULTS = dict(target_programs=2048, num_warps=4, bwd_num_warps=4, num_stages=2)
 # Whether the dB side and the x side of the backward walk run as two launches (``_chunk_dkdx_kernel`` PART 1, 2).
 SPLIT_DKDX = True
 # Warps of the rotation pass and of its gradient pass, and the pipelining depth of the latter's loop over heads.
-ROTATION_LAUNCH = dict(num_warps=4, bwd_num_warps=4, num_stages=2)
+ROTATION_LAUNCH = dict(num_warps=4, bwd_num_warps=8, num_stages=3)
+# Elements of the (N, P) states per program of the block scan (more programs: shorter dependent load/store chains).
+BLOCK_SCAN_TILE = 1024
 
 
 def _scan_order(v: torch.Tensor, fwd_heads: int) -> torch.Tensor:
