@@ -303,23 +303,28 @@ def tune_fused():
 
 
 def time_blocks():
-    """How many sequence blocks (programs per batch*head) and the block scan's tile, at L = 4K and 64K."""
+    """How many sequence blocks (programs per batch*head): the op at four shapes for several program targets."""
     import kernels.mamba3_scan as scan_module
 
     grads = ["x", "B", "C", "dt", "theta", "A", "trap"]
-    print("\n## sequence blocks: target programs x block-scan tile (ms, fwd+bwd)")
-    for length, batch in ((4096, 16), (65536, 1)):
+    targets = (768, 1024, 1536, 2048)
+    print("\n## sequence blocks: target programs (ms, fwd+bwd); L=8K runs 12 of 24 heads right to left")
+    totals = dict.fromkeys(targets, 0.0)
+    for length, batch, rev in ((1024, 64, 0), (4096, 16, 0), (8192, 8, HEADS // 2), (65536, 1, 0)):
         inp = op_inputs(batch, length, seed=6)
         dy = torch.randn(batch, length, HEADS, HEADDIM, device="cuda", dtype=torch.bfloat16)
-        for tile in (256, 1024):
-            scan_module.BLOCK_SCAN_TILE = tile
-            cells = []
-            for programs in (384, 768, 1152, 2048, 4096):
-                def run():
-                    ours(with_grad(inp, grads), chunk_size=CHUNK, target_programs=programs).backward(dy)
-                cells.append(f"{programs}: {bench_ms(run):6.2f}")
-            print(f"L={length:6d} batch {batch:3d} tile {tile:5d}  " + "  ".join(cells), flush=True)
-    scan_module.BLOCK_SCAN_TILE = 1024
+        cells = []
+        for programs in targets:
+            def run():
+                ours(with_grad(inp, grads), chunk_size=CHUNK, target_programs=programs,
+                     reversed_heads=rev).backward(dy)
+            ms = bench_ms(run)
+            totals[programs] += ms
+            cells.append(f"{programs}: {ms:6.2f}")
+        print(f"L={length:6d} batch {batch:3d}  " + "  ".join(cells), flush=True)
+    best = min(totals, key=totals.get)
+    scan_module.LAUNCH_DEFAULTS["target_programs"] = best
+    print(f"default for the rest of the run: target_programs {best}")
 
 
 def profile_op(length=1024, batch=64, rows=14):

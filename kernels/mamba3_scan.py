@@ -219,7 +219,7 @@ def _block_scan_kernel(STATE, BLOCK_DECAY, NUM_BLOCKS, SIZE: tl.constexpr, TILE:
     offs = tl.program_id(1) * TILE + tl.arange(0, TILE)
     base = STATE + pid_bh * NUM_BLOCKS * SIZE + offs
     state = tl.zeros((TILE,), dtype=tl.float32)
-    for step in range(NUM_BLOCKS):
+    for step in tl.range(0, NUM_BLOCKS, num_stages=3):
         if REVERSE:
             block = NUM_BLOCKS - 1 - step
         else:
@@ -794,7 +794,7 @@ SPLIT_DKDX = True
 # Warps of the rotation pass and of its gradient pass, and the pipelining depth of the latter's loop over heads.
 ROTATION_LAUNCH = dict(num_warps=4, bwd_num_warps=8, num_stages=3)
 # Elements of the (N, P) states per program of the block scan (more programs: shorter dependent load/store chains).
-BLOCK_SCAN_TILE = 1024
+BLOCK_SCAN_TILE = 256
 
 
 def _scan_order(v: torch.Tensor, fwd_heads: int) -> torch.Tensor:
@@ -863,10 +863,10 @@ def mamba3_scan(x, dt, A, lam, Bm, Cm, D=None, chunk_size: int = 32, target_prog
             turns = []
             for heads_dt, pt_order in ((dt_s[:, :fwd_heads], pt), (dt_s[:, fwd_heads:], pt.flip(1))):
                 if heads_dt.shape[1]:
-                    turns.append(torch.einsum("bhcq,bcqs->bhcs", heads_dt.unflatten(2, (num_chunks, chunk_size)),
+                    turns.append(torch.einsum("bhcq,bcqs->bhsc", heads_dt.unflatten(2, (num_chunks, chunk_size)),
                                               pt_order.unflatten(1, (num_chunks, chunk_size))))
-            chunk_turn = torch.cat(turns, dim=1)
-            phi0 = (torch.cumsum(chunk_turn, dim=2) - chunk_turn).contiguous()  # angle before each chunk
+            chunk_turn = torch.cat(turns, dim=1)  # (B, H, S, chunks): the cumulative sum runs along the last axis
+            phi0 = (torch.cumsum(chunk_turn, dim=-1) - chunk_turn).transpose(2, 3).contiguous()  # angle before each chunk
     if pad:
         pad_tokens = (0, 0, 0, 0, 0, pad)
         xs, Cq, Bk = (F.pad(v, pad_tokens) for v in (x, Cq, Bk))
