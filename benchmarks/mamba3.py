@@ -275,8 +275,8 @@ def tune_fused():
 
     print("\n## fused op launch settings (ms, fwd+bwd): L=1K batch 64 | L=8K batch 8 with 12 heads right to left")
     best = None
-    for chunk, programs, warps, bwd_warps, stages in ((32, 2048, 4, 8, 2), (32, 1024, 4, 8, 2), (16, 2048, 4, 4, 2),
-                                                      (32, 2048, 4, 4, 2)):
+    for chunk, programs, warps, bwd_warps, stages in ((32, 1536, 4, 4, 2), (32, 1536, 4, 8, 2), (16, 1536, 4, 4, 2),
+                                                      (32, 1536, 4, 4, 3)):
         launch = dict(target_programs=programs, num_warps=warps, bwd_num_warps=bwd_warps, num_stages=stages)
         scan_module.LAUNCH_DEFAULTS.update(launch)
         total = time_both(chunk, f"scan: chunk {chunk:3d} programs {programs:5d} warps {warps}/{bwd_warps} "

@@ -788,7 +788,7 @@ def supports(d_state: int, headdim: int, chunk_size: int) -> bool:
 
 
 # Launch settings used when a call gives none (benchmarks/mamba3.py measured them on an H100; see BENCHMARKS.md).
-LAUNCH_DEFAULTS = dict(target_programs=2048, num_warps=4, bwd_num_warps=4, num_stages=2)
+LAUNCH_DEFAULTS = dict(target_programs=1536, num_warps=4, bwd_num_warps=4, num_stages=2)
 # Whether the dB side and the x side of the backward walk run as two launches (``_chunk_dkdx_kernel`` PART 1, 2).
 SPLIT_DKDX = True
 # Warps of the rotation pass and of its gradient pass, and the pipelining depth of the latter's loop over heads.
@@ -863,10 +863,16 @@ def mamba3_scan(x, dt, A, lam, Bm, Cm, D=None, chunk_size: int = 32, target_prog
             turns = []
             for heads_dt, pt_order in ((dt_s[:, :fwd_heads], pt), (dt_s[:, fwd_heads:], pt.flip(1))):
                 if heads_dt.shape[1]:
-                    turns.append(torch.einsum("bhcq,bcqs->bhsc", heads_dt.unflatten(2, (num_chunks, chunk_size)),
+                    turns.append(torch.einsum("bhcq,bcqs->bhcs", heads_dt.unflatten(2, (num_chunks, chunk_size)),
                                               pt_order.unflatten(1, (num_chunks, chunk_size))))
-            chunk_turn = torch.cat(turns, dim=1)  # (B, H, S, chunks): the cumulative sum runs along the last axis
-            phi0 = (torch.cumsum(chunk_turn, dim=-1) - chunk_turn).transpose(2, 3).contiguous()  # angle before each chunk
+            chunk_turn = torch.cat(turns, dim=1)  # (B, H, chunks, S)
+            # the angle before each chunk; PyTorch's scan kernels are slow along a long middle axis (64K tokens: 0.8
+            # ms) and along a short last axis (1K tokens, batch 64: 0.6 ms), so long sequences scan a transposed copy
+            if num_chunks > 256:
+                phi0 = (torch.cumsum(chunk_turn.transpose(2, 3), dim=-1) - chunk_turn.transpose(2, 3)).transpose(2, 3)
+            else:
+                phi0 = torch.cumsum(chunk_turn, dim=2) - chunk_turn
+            phi0 = phi0.contiguous()
     if pad:
         pad_tokens = (0, 0, 0, 0, 0, pad)
         xs, Cq, Bk = (F.pad(v, pad_tokens) for v in (x, Cq, Bk))
