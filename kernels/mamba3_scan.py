@@ -789,6 +789,8 @@ def supports(d_state: int, headdim: int, chunk_size: int) -> bool:
 
 # Launch settings used when a call gives none (benchmarks/mamba3.py measured them on an H100; see BENCHMARKS.md).
 LAUNCH_DEFAULTS = dict(target_programs=1536, num_warps=4, bwd_num_warps=4, num_stages=2)
+# Above this many chunks the start angles' cumulative sum runs on a transposed copy (see ``mamba3_scan``).
+LONG_SCAN_CHUNKS = 256
 # Whether the dB side and the x side of the backward walk run as two launches (``_chunk_dkdx_kernel`` PART 1, 2).
 SPLIT_DKDX = True
 # Warps of the rotation pass and of its gradient pass, and the pipelining depth of the latter's loop over heads.
@@ -868,7 +870,7 @@ def mamba3_scan(x, dt, A, lam, Bm, Cm, D=None, chunk_size: int = 32, target_prog
             chunk_turn = torch.cat(turns, dim=1)  # (B, H, chunks, S)
             # the angle before each chunk; PyTorch's scan kernels are slow along a long middle axis (64K tokens: 0.8
             # ms) and along a short last axis (1K tokens, batch 64: 0.6 ms), so long sequences scan a transposed copy
-            if num_chunks > 256:
+            if num_chunks > LONG_SCAN_CHUNKS:
                 phi0 = (torch.cumsum(chunk_turn.transpose(2, 3), dim=-1) - chunk_turn.transpose(2, 3)).transpose(2, 3)
             else:
                 phi0 = torch.cumsum(chunk_turn, dim=2) - chunk_turn

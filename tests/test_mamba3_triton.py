@@ -24,6 +24,9 @@ def compare(dtype_name: str, seed: int) -> dict:
     if dtype_name.startswith("fused-inline-"):
         return compare_fused(dtype_name[len("fused-inline-"):], seed, reversed_heads=1, inline_rotation=True)
     if dtype_name.startswith("fused-reversed-"):
+        import kernels.mamba3_scan as scan_module
+
+        scan_module.LONG_SCAN_CHUNKS = 0  # also covers the long-sequence form of the start-angle cumsum
         return compare_fused(dtype_name[len("fused-reversed-"):], seed, reversed_heads=3)
     if dtype_name.startswith("fused-"):
         return compare_fused(dtype_name[len("fused-"):], seed)
