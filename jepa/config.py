@@ -46,6 +46,7 @@ class PredictorConfig:
     expand: int = 2
     headdim: int = 64
     mimo_rank: int = 1
+    bidirectional: str = "split"  # mamba3: split | separate | shared | forward (predictors/backbones/mamba3.py)
 
 
 @dataclass

@@ -83,7 +83,7 @@ def build_method(cfg: Config) -> tuple[IJEPA, nn.Module]:
     predictor = JEPAPredictor(
         encoder.embed_dim, pred_dim=p.dim, depth=p.depth, num_heads=p.num_heads, mlp_ratio=p.mlp_ratio,
         backbone=p.backbone, gated_attention=p.gated_attention, pattern=p.pattern, d_state=p.d_state,
-        expand=p.expand, headdim=p.headdim, mimo_rank=p.mimo_rank,
+        expand=p.expand, headdim=p.headdim, mimo_rank=p.mimo_rank, bidirectional=p.bidirectional,
     )
     method = IJEPA(encoder, predictor, cfg.loss.kind, cfg.loss.variance_weight, cfg.loss.covariance_weight)
     target_encoder = copy.deepcopy(encoder).requires_grad_(False)

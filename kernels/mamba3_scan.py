@@ -788,13 +788,13 @@ def supports(d_state: int, headdim: int, chunk_size: int) -> bool:
 
 
 # Launch settings used when a call gives none (benchmarks/mamba3.py measured them on an H100; see BENCHMARKS.md).
-LAUNCH_DEFAULTS = dict(target_programs=1536, num_warps=4, bwd_num_warps=4, num_stages=2)
+LAUNCH_DEFAULTS = dict(target_programs=768, num_warps=4, bwd_num_warps=4, num_stages=3)
 # Above this many chunks the start angles' cumulative sum runs on a transposed copy (see ``mamba3_scan``).
 LONG_SCAN_CHUNKS = 256
 # Whether the dB side and the x side of the backward walk run as two launches (``_chunk_dkdx_kernel`` PART 1, 2).
 SPLIT_DKDX = True
 # Warps of the rotation pass and of its gradient pass, and the pipelining depth of the latter's loop over heads.
-ROTATION_LAUNCH = dict(num_warps=4, bwd_num_warps=8, num_stages=3)
+ROTATION_LAUNCH = dict(num_warps=4, bwd_num_warps=4, num_stages=2)
 # Elements of the (N, P) states per program of the block scan (more programs: shorter dependent load/store chains).
 BLOCK_SCAN_TILE = 256
 
