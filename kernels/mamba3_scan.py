@@ -693,13 +693,17 @@ class _Mamba3ScanCore(torch.autograd.Function):
         y = torch.empty_like(x)
         _chunk_forward_kernel[grid](q, k, x, a_log, w, g, state_in, y, qb, kb, *rot_args, d_arg, HAS_D=has_d,
                                     num_warps=num_warps, **dims)
-        ctx.save_for_backward(q, k, x, a_log, w, g, state_in, *rot_args, qb, kb, d_arg)
+        # with one block the incoming states are zeros: made again in backward instead of kept alive until then
+        ctx.save_for_backward(q, k, x, a_log, w, g, state_in if num_blocks > 1 else None, *rot_args, qb, kb, d_arg)
         ctx.launch = (grid, dims, bwd_num_warps, has_d)
         return y
 
     @staticmethod
     def backward(ctx, dy):
         q, k, x, a_log, w, g, state_in, dt, pt, phi0, qb, kb, d_arg = ctx.saved_tensors
+        if state_in is None:
+            state_in = torch.zeros(x.shape[0], x.shape[2], 1, q.shape[3], x.shape[3], device=x.device,
+                                   dtype=torch.float32)
         grid, dims, bwd_warps, has_d = ctx.launch
         rotate, has_bias = dims["ROTATE"], dims["HAS_BIAS"]
         dy = dy.contiguous().to(x.dtype)
