@@ -3,13 +3,16 @@ Triton op vs SDPA flash attention, and whole backbone layers at matched paramete
 
     python benchmarks/mamba3.py [--official .whl/mamba_official] [--quick] [--skip check,tune,blocks,profile,layers,ops,sweep]
 
-Order: correctness (op vs float64 reference, ours vs official, whole block CUDA vs CPU reference), launch-setting
-tuning of the fused op (``tune``: the fastest becomes the default for the rest of the run), layers (with a
-torch.profiler table at L = 8K), ops, and the scan-only sweep.
+Order: correctness (op vs float64 reference with and without right-to-left heads, ours vs official, whole block
+CUDA vs CPU reference per bidirectional mode), launch-setting tuning of the fused op (``tune``: scan settings,
+backward walk in one or two launches, rotation-pass settings; the fastest becomes the default for the rest of the
+run), the number of sequence blocks (``blocks``), torch.profiler tables of the op (``profile``), layers (with
+profiles of both blocks at L = 8K), ops (with the host time to issue one step), and the scan-only sweep.
 
 Op setting: 64K tokens per step (batch = 65536 / L), 24 heads × headdim 64, d_state 128, bf16, one group of B/C.
-"ours" = our fused chunk-parallel Triton op (the same function as the official op: per-group B/C, per-head bias,
-data-dependent rotation on half the state with the angle cumsum done in-kernel, trapezoid, D skip); "ours scan" = the
+"ours" = our chunk-parallel Triton op (the same function as the official op: per-group B/C, per-head bias,
+data-dependent rotation on half the state with the angle cumsum, trapezoid, D skip; the rotation in its own parallel
+pass), "ours inline" = the same with the rotation inside the scan kernels; "ours scan" = the
 scan alone on pre-rotated per-head B̄, C̄. The official op is imported from an extracted ``mamba-ssm`` sdist (never
 copied into the repo): ``pip download --no-deps --no-binary :all: mamba-ssm==2.3.2.post1`` and put ``mamba_ssm/ops/triton/mamba3/*.py``
 under ``<official>/mamba_ssm/ops/triton/mamba3/`` (with empty ``__init__.py`` files on the way).

@@ -8,16 +8,19 @@ Public op::
 
 Plain form: ``Bm`` and ``Cm`` are ``B̄`` and ``C̄``, already biased and rotated (pass G = H when they are per head).
 Fused form (what the layer uses): ``Bm``, ``Cm`` stay per group and unrotated, with per-head biases ``B_bias``,
-``C_bias`` (H, N) or (NB, H, N) and rotation inputs ``theta`` (B, L, N / 4); every kernel that reads B̄ or C̄ builds
-them on the fly, ``B̄_t = R(φ_t) (B_t + bias_h)``, from the cumulative angle ``φ_t = Σ_{r<=t} Δ_r π tanh(θ_r)``
-(per head). The angle is each chunk's starting angle (a tiny (B, H, L / CHUNK, S) tensor from a per-chunk einsum and
-cumsum) plus an in-kernel cumsum; cos/sin use the hardware approximations after reduction to [-π, π] (libdevice
-under the interpreter). The kernels hold the state dimensions in a permuted order (``_state_order``) so that the
-rotated and unrotated pairs alternate: cos/sin are computed for the N / 4 real angles only. (Holding the pair
-members and the real half as three separate tiles, which makes the rotation elementwise, measured 2x slower on an
-H100: three times the small dots and their operand-layout conversions.) The backward kernels
-un-rotate dB̄, dC̄ in-kernel, write per-head dB, dC (summed over the heads of a group afterwards), per-program sums
-for the bias gradients, and the angle gradients (dφ to dΔ and to π tanh θ through the in-chunk suffix sums).
+``C_bias`` (H, N) or (NB, H, N) and rotation inputs ``theta`` (B, L, N / 4): ``B̄_t = R(φ_t) (B_t + bias_h)`` with
+the cumulative angle ``φ_t = Σ_{r<=t} Δ_r π tanh(θ_r)`` (per head; angle j rotates the pair (2j, 2j + 1), the second
+half of the state is real). φ is each chunk's starting angle (a small (B, H, L / CHUNK, S) tensor from a per-chunk
+einsum and cumsum) plus an in-kernel cumulative sum; cos/sin use the hardware approximations after reduction to
+[-π, π] (libdevice under the interpreter).
+
+By default B̄, C̄ are formed in one parallel pass before the scan (``_rotate_keys_kernel``, per-head bf16 copies) and
+the scan kernels run the plain form; the gradient pass (``_key_grads_kernel``) takes dB̄, dC̄ back through the
+rotation, sums them over each group's heads, and gives the angle and bias gradients. ``inline_rotation=True``
+instead builds B̄, C̄ inside every scan kernel's chunk loop (the state dimensions in a permuted order,
+``_state_order``, so that cos/sin are computed for the N / 4 angles only); it is about 2x slower on an H100, since
+the rotation then sits in the sequential loops (BENCHMARKS.md). Holding the pair members and the real half as three
+separate tiles inside the scan kernels was measured slower still (three times the small dots) and dropped.
 ``dt`` is Δ (softplus done, 0 at padding), ``A`` is negative, ``lam`` is λ in [0, 1]. x, Bm and Cm share a
 dtype (bf16 or fp32); the state, the angles and every accumulation are fp32. Differentiable in all inputs.
 ``D`` (the skip ``D x``) is fused into the forward and dx kernels. ``reversed_heads``: the last heads scan right to
@@ -35,7 +38,8 @@ handles one (batch, head, block), so a batch of 1 with a long sequence still giv
 
 Backward runs the same structure: the reverse state ``Σ_{t>end} e^{cs_t - cs_end} C̄_t dy_tᵀ`` per block (kernels 1
 and 2 in reverse), ``_chunk_dq_kernel`` (forward walk from the saved incoming states) and ``_chunk_dkdx_kernel``
-(backward walk). The gradient of the log-decay comes out as ``d cs_t = C̄_t·dC̄_t^{off} - w_t dw_t`` followed by a
+(backward walk; by default two launches, the dB side and the x side, each with fewer live tiles). The chunk loops are
+software-pipelined (``num_stages``). The gradient of the log-decay comes out as ``d cs_t = C̄_t·dC̄_t^{off} - w_t dw_t`` followed by a
 reverse cumulative sum along the sequence.
 """
 from __future__ import annotations

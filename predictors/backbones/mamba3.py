@@ -2,8 +2,8 @@
 
 Tokens arrive in any order (context tokens, then mask tokens). The backbone sorts them by their flat grid position
 ``pos`` (padding last), runs every block in that raster / space-time order, and scatters the outputs back to the input
-order. Each mixer scans the sorted sequence forward and reversed and adds the two outputs. Padding tokens get Δ = 0
-and x = 0, so they change no state: real-token outputs are the same with or without padding.
+order. Each mixer scans the sorted sequence in both directions (see ``bidirectional`` below). Padding tokens get
+Δ = 0 and x = 0, so they change no state: real-token outputs are the same with or without padding.
 
 Mixer (``Mamba3Mixer``), per token, from one bias-free ``in_proj``: gate z and value x (H heads × P), and per direction
 key B and query C (G groups × R ranks × N), Δ, A and λ inputs (H each) and rotation inputs θ (N // 4). Then
@@ -11,9 +11,12 @@ key B and query C (G groups × R ranks × N), Δ, A and λ inputs (H each) and r
 learnable per-head offset starting at softplus⁻¹(a_init), for tasks whose state must not decay), ``λ = sigmoid(·)``,
 B and C go through RMSNorm and get per-head biases (init 1), and are rotated by cumulative angles
 ``φ_t = φ_{t-1} + Δ_t π tanh(θ_t)`` (see ``kernels/mamba3_scan_ref.py`` for the recurrence and the pairing
-convention). ``y = (scan_fwd + scan_bwd + D x) · silu(z)``, then ``out_proj``. On CUDA (SISO) the scan is the fused Triton op (``kernels/mamba3_scan.py``): B and C
-stay per group, and the per-head bias, the angle cumsum and the rotation happen inside the kernels; elsewhere (and
-for MIMO) the PyTorch reference path (``scan_reference``) does the same in plain PyTorch.
+convention). Default (``bidirectional="split"``): half of the heads scan left to right and half right to left, in
+one scan call, ``y = (scan + D x) · silu(z)``; ``separate`` / ``shared``: every head scans both ways,
+``y = (scan_fwd + scan_bwd + D x) · silu(z)``; then ``out_proj``. On CUDA (SISO) the scan is the Triton op
+(``kernels/mamba3_scan.py``): B and C stay per group and the op applies the per-head bias, the angle cumsum and the
+rotation itself; elsewhere (and for MIMO) the PyTorch reference path (``scan_reference``) does the same in plain
+PyTorch.
 """
 from __future__ import annotations
 
@@ -88,7 +91,7 @@ class Mamba3Mixer(nn.Module):
         ngroups: int = 1,
         mimo_rank: int = 1,
         use_rotation: bool = True,
-        bidirectional: str = "separate",
+        bidirectional: str = "split",
         chunk_size: int = 32,
         dt_min: float = 0.001,
         dt_max: float = 0.1,
