@@ -332,21 +332,26 @@ def time_blocks():
 
 def profile_op(length=1024, batch=64, rows=14):
     """torch.profiler table (CUDA time) of one fwd+bwd of the fused op."""
-    from torch.profiler import ProfilerActivity, profile
-
     inp = op_inputs(batch, length, seed=5)
     dy = torch.randn(batch, length, HEADS, HEADDIM, device="cuda", dtype=torch.bfloat16)
 
     def step():
         ours(with_grad(inp, ["x", "B", "C", "dt", "theta", "A", "trap"]), chunk_size=CHUNK).backward(dy)
 
+    profile_step(step, f"fused op fwd+bwd, L={length}, batch {batch}", rows)
+
+
+def profile_step(step, label, rows):
+    """Run ``step`` once to warm up, then print the kernels of one more run by CUDA time."""
+    from torch.profiler import ProfilerActivity, profile
+
     step()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         step()
         torch.cuda.synchronize()
-    print(f"\n## profile: fused op fwd+bwd, L={length}, batch {batch}")
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=50))
+    print(f"\n## profile: {label} (kernels by CUDA time)")
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=rows, max_name_column_width=70))
 
 
 def run_scan(pre, dy, **kwargs):
@@ -356,20 +361,12 @@ def run_scan(pre, dy, **kwargs):
 
 def profile_layer(layer, x, label, rows=22):
     """torch.profiler table (CUDA time) of one fwd+bwd step of ``layer`` under bf16 autocast."""
-    from torch.profiler import ProfilerActivity, profile
-
     def step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
             out = layer(x)
         out.float().sum().backward()
 
-    step()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        step()
-        torch.cuda.synchronize()
-    print(f"\n## profile: {label} (kernels by CUDA time)")
-    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=rows, max_name_column_width=70))
+    profile_step(step, label, rows)
 
 
 def time_layers(lengths, profile_at=8192, modes=("separate", "split")):
