@@ -21,6 +21,7 @@ PyTorch.
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn as nn
@@ -167,11 +168,17 @@ class Mamba3Mixer(nn.Module):
         return self.out_proj(y)
 
     def _fused(self, x: torch.Tensor) -> bool:
+        """Whether this call runs the Triton op (CUDA, SISO, sizes it takes); on CUDA a size it does not take warns
+        once and runs the PyTorch path."""
         if not ((x.is_cuda or USE_TRITON_ON_CPU) and self.rank == 1):
             return False
         from kernels.mamba3_scan import supports  # imports triton; only needed on CUDA
 
-        return USE_TRITON_ON_CPU or supports(self.d_state, self.headdim, self.chunk_size)
+        if USE_TRITON_ON_CPU or supports(self.d_state, self.headdim, self.chunk_size):
+            return True
+        warnings.warn(f"mamba3: d_state={self.d_state}, headdim={self.headdim}, chunk_size={self.chunk_size} are not "
+                      "all powers of two >= 16, so the Triton scan cannot run them; using the (slower) PyTorch path")
+        return False
 
     def _scan_heads(self, x, proj, padding) -> torch.Tensor:
         """``forward`` and ``split``: one scan call over the heads (the last half right to left for ``split``), D x
