@@ -859,9 +859,9 @@ def mamba3_scan(x, dt, A, lam, Bm, Cm, D=None, chunk_size: int = 32, target_prog
     padded = length + pad
     xs, Cq, Bk = x, Cm.to(x.dtype), Bm.to(x.dtype)
     # per-head scalars in each head's scan order, (B, H, L) fp32; padding (Δ = 0: no state change) at the memory end
-    scalars = torch.stack((dt.float(), A.float(), lam.float()))  # (3, B, L, H)
-    scalars = _scan_order(F.pad(scalars, (0, 0, 0, pad)).permute(0, 1, 3, 2).flatten(0, 1), fwd_heads).contiguous()
-    dt_s, A_s, lam_s = scalars.unflatten(0, (3, batch)).unbind(0)  # each (B, H, L), contiguous
+    stacked = torch.stack((dt.float(), A.float(), lam.float()))  # (3, B, L, H)
+    stacked = _scan_order(F.pad(stacked, (0, 0, 0, pad)).permute(0, 1, 3, 2).flatten(0, 1), fwd_heads).contiguous()
+    dt_s, A_s, lam_s = stacked.unflatten(0, (3, batch)).unbind(0)  # each (B, H, L), contiguous
     g = lam_s * dt_s
     w = g + F.pad(((1 - lam_s) * dt_s)[..., 1:], (0, 1))  # trapezoid: w_s = g_s + (1 - λ_{s+1}) Δ_{s+1}
     a_log = dt_s * A_s
@@ -887,12 +887,11 @@ def mamba3_scan(x, dt, A, lam, Bm, Cm, D=None, chunk_size: int = 32, target_prog
         pad_tokens = (0, 0, 0, 0, 0, pad)
         xs, Cq, Bk = (F.pad(v, pad_tokens) for v in (x, Cq, Bk))
     d_skip = None if D is None else D.float()
-    scalars = (a_log, w.contiguous(), g, dt_s)
     if (B_bias is not None or pt is not None) and not inline_rotation:
         # B̄, C̄ per head from one parallel pass (and their gradients from one more), then the plain scan
-        Bk, Cq = _RotatedKeys.apply(Bk.contiguous(), Cq.contiguous(), B_bias, C_bias, scalars[3], pt, phi0, heads,
+        Bk, Cq = _RotatedKeys.apply(Bk.contiguous(), Cq.contiguous(), B_bias, C_bias, dt_s, pt, phi0, heads,
                                     fwd_heads, chunk_size, x.dtype)
         B_bias = C_bias = pt = phi0 = None
-    y = _Mamba3ScanCore.apply(Cq.contiguous(), Bk.contiguous(), xs.contiguous(), *scalars, pt, phi0, C_bias, B_bias,
-                              d_skip, fwd_heads, chunk_size, launch)
+    y = _Mamba3ScanCore.apply(Cq.contiguous(), Bk.contiguous(), xs.contiguous(), a_log, w, g, dt_s, pt, phi0, C_bias,
+                              B_bias, d_skip, fwd_heads, chunk_size, launch)
     return y[:, :length]
