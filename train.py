@@ -11,7 +11,8 @@ import sys
 import torch
 
 from data.folder import scan_split
-from data.loaders import build_labelled_loader, build_pretrain_loader
+from data.labelled import build_labelled_loader
+from data.loaders import build_pretrain_loader
 from data.transforms import DeviceNormalize
 from jepa.config import Config, load_config
 from jepa.methods import build_method

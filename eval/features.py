@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from data.folder import ImageFolderDataset
-from data.loaders import collate_labelled
+from data.labelled import collate_labelled
 from data.transforms import eval_transform
 
 from .cache import cache_key, data_fingerprint, load_entry, save_entry
