@@ -1,6 +1,6 @@
 """Pretrain a JEPA: ``accelerate launch train.py --config configs/quickstart.yaml key=value ...``.
 
-Wires config -> data loaders (data/) + method (jepa.methods) + monitors -> jepa.trainer.
+Wires config -> method parts (jepa.methods) + data loaders (data/) + monitors (eval.monitor) -> jepa.trainer.
 """
 from __future__ import annotations
 
@@ -11,12 +11,11 @@ import sys
 import torch
 
 from data.folder import scan_split
-from data.labelled import build_labelled_loader
 from data.loaders import build_pretrain_loader
 from data.transforms import DeviceNormalize
-from jepa.config import Config, load_config
-from jepa.methods import build_method
-from jepa.monitors import KNNMonitor
+from eval.monitor import build_knn_monitor
+from jepa.config import load_config
+from jepa.methods import get_method
 from jepa.trainer import Trainer, make_accelerator
 
 
@@ -28,16 +27,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[str | None, list[str]]:
     return args.config, args.overrides
 
 
-def build_monitors(cfg: Config) -> list:
+def build_monitors(cfg) -> list:
     m = cfg.monitor
-    img_size = m.knn_img_size or cfg.data.img_size
-    workers = min(cfg.data.num_workers, 4)
-    bank = build_labelled_loader(cfg.data.root, "train", img_size, m.bank_per_class, m.batch_size, workers,
-                                 seed=cfg.trainer.seed)
-    queries = build_labelled_loader(cfg.data.root, "val", img_size, m.query_per_class, m.batch_size, workers,
-                                    seed=cfg.trainer.seed)
-    return [KNNMonitor(bank, queries, num_classes=len(bank.dataset.classes), k=m.knn_k,
-                       temperature=m.knn_temperature)]
+    return [build_knn_monitor(cfg.data.root, m.knn_img_size or cfg.data.img_size, m, min(cfg.data.num_workers, 4),
+                              cfg.trainer.seed)]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -47,11 +40,12 @@ def main(argv: list[str] | None = None) -> dict:
     scan_split(cfg.data.root, "train")  # fail early, with the expected layout, on a bad data.root
     torch.manual_seed(cfg.trainer.seed)
     accelerator = make_accelerator(cfg)
-    method, target_encoder = build_method(cfg)
-    grid = method.context_encoder.grid_size(cfg.data.img_size, cfg.data.img_size)
-    loader, batch_sampler = build_pretrain_loader(cfg, grid, accelerator.process_index, accelerator.num_processes,
+    spec = get_method(cfg.method)
+    parts = spec.build(cfg)
+    loader, batch_sampler = build_pretrain_loader(spec.pipeline, cfg, parts.token_grid, accelerator.process_index,
+                                                  accelerator.num_processes,
                                                   pin_memory=accelerator.device.type == "cuda")
-    trainer = Trainer(cfg, method, target_encoder, loader, batch_sampler, build_monitors(cfg), accelerator,
+    trainer = Trainer(cfg, parts, loader, batch_sampler, build_monitors(cfg), accelerator,
                       device_transform=DeviceNormalize())
     state = trainer.fit()
     knn = {int(k.split("@")[1]): v for k, v in state.monitors.items() if k.startswith("knn@")}

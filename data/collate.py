@@ -5,32 +5,28 @@ import torch
 
 from jepa.masks import MultiBlockMaskSampler
 
+from .batch import Batch
+
 
 class MaskCollator:
-    """list of dataset items (``image`` None = skipped) -> batch dict
+    """list of dataset items (``image`` None = skipped) -> ``Batch`` with ``pixels`` (B, 3, H, W), ``labels`` (B,),
+    one mask set per sampler in ``masks`` and ``skipped`` (items dropped). Masks are seeded by ``(seed, epoch, batch
+    index)`` of the batch (and the sampler's position, when there are several)."""
 
-    ``images`` (B, 3, H, W), ``labels`` (B,), ``context_idx``/``context_pad`` (B, Nc), ``target_idx`` (B, n, Nt),
-    ``skipped`` (number of items dropped). Masks are seeded by ``(seed, epoch, batch index)`` of the batch.
-    """
-
-    def __init__(self, mask_sampler: MultiBlockMaskSampler, seed: int):
-        self.mask_sampler = mask_sampler
+    def __init__(self, mask_samplers: MultiBlockMaskSampler | list[MultiBlockMaskSampler], seed: int):
+        self.mask_samplers = mask_samplers if isinstance(mask_samplers, list) else [mask_samplers]
         self.seed = seed
 
-    def __call__(self, items: list) -> dict:
+    def __call__(self, items: list) -> Batch:
         kept = [item for item in items if item["image"] is not None]
         if not kept:
             raise RuntimeError(f"every image of a batch of {len(items)} was corrupt; check data.root")
-        images = torch.stack([item["image"] for item in kept])
-        labels = torch.tensor([item["label"] for item in kept])
         first = items[0]
-        masks = self.mask_sampler(len(kept), (self.seed, first.get("epoch", 0), first.get("batch", 0)))
-        return {
-            "images": images,
-            "labels": labels,
-            "context_idx": masks.context_idx,
-            "context_pad": masks.context_pad,
-            "target_idx": masks.target_idx,
-            "skipped": torch.tensor(len(items) - len(kept)),
-        }
-
+        key = (self.seed, first.get("epoch", 0), first.get("batch", 0))
+        masks = [sampler(len(kept), key if i == 0 else (*key, i)) for i, sampler in enumerate(self.mask_samplers)]
+        return Batch(
+            pixels=torch.stack([item["image"] for item in kept]),
+            masks=masks,
+            labels=torch.tensor([item["label"] for item in kept]),
+            skipped=torch.tensor(len(items) - len(kept)),
+        )

@@ -1,18 +1,43 @@
-"""DataLoaders for pretraining and for the kNN monitor."""
+"""Pretraining data pipelines, registered by name; a method's spec names the one that builds its batches.
+
+    loader, batch_sampler = build_pretrain_loader("masked_images", cfg, token_grid, rank, world_size)
+
+A pipeline builder ``fn(cfg, token_grid, rank, world_size, pin_memory) -> (DataLoader, EpochBatchSampler)`` yields
+``data.batch.Batch`` objects; masks are sampled in the workers.
+"""
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 
-from jepa.config import Config
 from jepa.masks import MultiBlockMaskSampler
 
 from .collate import MaskCollator
 from .folder import ImageFolderDataset
 from .sampler import EpochBatchSampler
-from .transforms import eval_transform, pretrain_transform
+from .transforms import pretrain_transform
+
+_PIPELINES: dict[str, Callable] = {}
 
 
-def mask_sampler_from_config(cfg: Config, grid_size: tuple[int, int]) -> MultiBlockMaskSampler:
+def register_pipeline(name: str):
+    def wrap(fn):
+        _PIPELINES[name] = fn
+        return fn
+
+    return wrap
+
+
+def build_pretrain_loader(pipeline: str, cfg, token_grid: tuple[int, ...], rank: int = 0, world_size: int = 1,
+                          pin_memory: bool = True):
+    """(DataLoader, EpochBatchSampler) of the named pipeline."""
+    if pipeline not in _PIPELINES:
+        raise ValueError(f"data pipeline '{pipeline}' is unknown (expected one of {sorted(_PIPELINES)})")
+    return _PIPELINES[pipeline](cfg, token_grid, rank, world_size, pin_memory)
+
+
+def mask_sampler_from_config(cfg, grid_size: tuple[int, ...]) -> MultiBlockMaskSampler:
     m = cfg.masks
     return MultiBlockMaskSampler(grid_size, num_targets=m.num_targets, target_scale=m.target_scale,
                                  target_aspect=m.target_aspect, num_context=m.num_context,
@@ -20,18 +45,12 @@ def mask_sampler_from_config(cfg: Config, grid_size: tuple[int, int]) -> MultiBl
                                  min_keep=m.min_keep, equalize=m.equalize, reachable_edges=m.reachable_edges)
 
 
-def build_pretrain_loader(cfg: Config, grid_size: tuple[int, int], rank: int = 0, world_size: int = 1,
-                          pin_memory: bool = True):
-    """(DataLoader, EpochBatchSampler) over ``data.root/train`` with masks sampled in the workers."""
+def _loader(dataset, batch_sampler, collate_fn, cfg, pin_memory: bool) -> torch.utils.data.DataLoader:
     d = cfg.data
-    dataset = ImageFolderDataset(d.root, "train", pretrain_transform(d.img_size, d.crop_scale, d.hflip),
-                                 on_corrupt=d.on_corrupt, seed=cfg.trainer.seed, decode="tensor")
-    batch_sampler = EpochBatchSampler(len(dataset), d.batch_size, seed=cfg.trainer.seed, rank=rank,
-                                      world_size=world_size)
-    loader = torch.utils.data.DataLoader(
+    return torch.utils.data.DataLoader(
         dataset,
         batch_sampler=batch_sampler,
-        collate_fn=MaskCollator(mask_sampler_from_config(cfg, grid_size), cfg.trainer.seed),
+        collate_fn=collate_fn,
         num_workers=d.num_workers,
         pin_memory=pin_memory and d.pin_memory,
         persistent_workers=d.num_workers > 0,
@@ -40,4 +59,16 @@ def build_pretrain_loader(cfg: Config, grid_size: tuple[int, int], rank: int = 0
         # does not shift the RNG stream that dropout/drop-path draw from
         generator=torch.Generator().manual_seed(cfg.trainer.seed),
     )
+
+
+@register_pipeline("masked_images")
+def masked_images(cfg, token_grid: tuple[int, ...], rank: int = 0, world_size: int = 1, pin_memory: bool = True):
+    """Random-resized crops of ``data.root/train`` (uint8) with multi-block masks on ``token_grid``."""
+    d = cfg.data
+    dataset = ImageFolderDataset(d.root, "train", pretrain_transform(d.img_size, d.crop_scale, d.hflip),
+                                 on_corrupt=d.on_corrupt, seed=cfg.trainer.seed, decode="tensor")
+    batch_sampler = EpochBatchSampler(len(dataset), d.batch_size, seed=cfg.trainer.seed, rank=rank,
+                                      world_size=world_size)
+    loader = _loader(dataset, batch_sampler, MaskCollator(mask_sampler_from_config(cfg, token_grid), cfg.trainer.seed),
+                     cfg, pin_memory)
     return loader, batch_sampler

@@ -1,6 +1,8 @@
 """Image transforms (torchvision v2)."""
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2
@@ -24,15 +26,16 @@ def pretrain_transform(img_size: int, crop_scale=(0.3, 1.0), hflip: bool = False
 
 
 class DeviceNormalize:
-    """batch dict with uint8 ``images`` (B, 3, H, W) -> float32 images normalised with the ImageNet statistics,
-    on whatever device the batch is."""
+    """``Batch`` with uint8 ``pixels`` (B, 3, H, W) or (B, 3, T, H, W) -> float32 pixels normalised with the
+    ImageNet statistics, on whatever device the batch is."""
 
-    def __call__(self, batch: dict) -> dict:
-        images = batch["images"]
-        if images.dtype == torch.uint8:
-            mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1) * 255
-            std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1) * 255
-            batch = dict(batch, images=(images.float() - mean) / std)
+    def __call__(self, batch):
+        pixels = batch.pixels
+        if pixels.dtype == torch.uint8:
+            shape = (1, 3) + (1,) * (pixels.dim() - 2)
+            mean = torch.tensor(IMAGENET_MEAN, device=pixels.device).view(shape) * 255
+            std = torch.tensor(IMAGENET_STD, device=pixels.device).view(shape) * 255
+            batch = dataclasses.replace(batch, pixels=(pixels.float() - mean) / std)
         return batch
 
 

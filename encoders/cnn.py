@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .registry import register_encoder
 from .vit import gather_tokens
 
 
@@ -18,7 +19,7 @@ class CNNEncoder(nn.Module):
     ``keep_idx``. D is the backbone's channel count, the patch size its total stride.
     """
 
-    def __init__(self, name: str, img_size: int = 224, drop_path: float = 0.0):
+    def __init__(self, name: str, drop_path: float = 0.0):
         super().__init__()
         try:
             self.backbone = timm.create_model(name, pretrained=False, num_classes=0, global_pool="",
@@ -28,14 +29,15 @@ class CNNEncoder(nn.Module):
         self.timm_name = name
         self.embed_dim = self.backbone.num_features
         self.patch_size = self.backbone.feature_info[-1]["reduction"]
-        self.img_size = img_size
         self.norm = nn.LayerNorm(self.embed_dim, eps=1e-6)
 
-    def grid_size(self, height: int, width: int) -> tuple[int, int]:
+    def token_grid(self, input_shape) -> tuple[int, int]:
+        """(C, H, W) -> the (H/stride, W/stride) feature-map grid."""
+        height, width = input_shape[-2:]
         return height // self.patch_size, width // self.patch_size
 
     def blank(self, images: torch.Tensor, keep_idx: torch.Tensor, key_padding_mask: torch.Tensor | None):
-        grid_h, grid_w = self.grid_size(*images.shape[-2:])
+        grid_h, grid_w = self.token_grid(images.shape)
         keep = torch.ones_like(keep_idx, dtype=images.dtype)
         if key_padding_mask is not None:
             keep = keep.masked_fill(key_padding_mask, 0)
@@ -51,3 +53,16 @@ class CNNEncoder(nn.Module):
             images = self.blank(images, keep_idx, key_padding_mask)
         tokens = self.norm(self.backbone.forward_features(images).flatten(2).transpose(1, 2))
         return tokens if keep_idx is None else gather_tokens(tokens, keep_idx)
+
+    def intermediate_layers(self, images, count: int) -> list[torch.Tensor]:
+        """The last ``count`` stages' feature maps as tokens (B, h_i*w_i, C_i), oldest first; the last one is
+        ``forward`` (token-normed), the earlier ones are timm's raw stage outputs."""
+        if count == 1:
+            return [self(images)]
+        maps = self.backbone.forward_intermediates(images, indices=count, intermediates_only=True)
+        return [m.flatten(2).transpose(1, 2) for m in maps[:-1]] + [self(images)]
+
+
+@register_encoder("cnn:", prefix=True)
+def cnn(timm_name: str, drop_path: float = 0.0) -> CNNEncoder:
+    return CNNEncoder(timm_name, drop_path=drop_path)

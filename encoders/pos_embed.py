@@ -1,7 +1,8 @@
-"""Fixed sin-cos positional embeddings for any token grid (computed on the fly, cached per size)."""
+"""Fixed sin-cos positional embeddings for a token grid of any rank, built once per (size, device) and cached."""
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 
@@ -15,11 +16,24 @@ def sincos_1d(dim: int, positions: torch.Tensor) -> torch.Tensor:
     return torch.cat([angles.sin(), angles.cos()], dim=1).float()
 
 
-@functools.lru_cache(maxsize=32)
-def sincos_2d(dim: int, grid_h: int, grid_w: int) -> torch.Tensor:
-    """(H*W, dim) in raster order: first half encodes the row, second half the column."""
-    if dim % 4:
-        raise ValueError(f"2-D sin-cos embedding needs dim divisible by 4, got {dim}")
-    rows = torch.arange(grid_h).repeat_interleave(grid_w)
-    cols = torch.arange(grid_w).repeat(grid_h)
-    return torch.cat([sincos_1d(dim // 2, rows), sincos_1d(dim // 2, cols)], dim=1)
+@functools.lru_cache(maxsize=64)
+def _table(dim: int, grid: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    rank = len(grid)
+    if dim % (2 * rank):
+        raise ValueError(f"{rank}-D sin-cos embedding needs dim divisible by {2 * rank}, got {dim}")
+    coords = torch.stack(torch.meshgrid(*[torch.arange(n) for n in grid], indexing="ij"), -1).reshape(-1, rank)
+    table = torch.cat([sincos_1d(dim // rank, coords[:, axis]) for axis in range(rank)], dim=1)
+    return table.to(device=device, dtype=dtype)
+
+
+def sincos_table(dim: int, grid: tuple[int, ...], device: torch.device | str | None = None,
+                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(prod(grid), dim) in raster order; axis ``a`` of the grid (rows, columns; time, rows, columns) takes the
+    ``a``-th block of ``dim / rank`` channels. Cached per (dim, grid, device, dtype): callers must not modify it."""
+    device = torch.device("cpu") if device is None else torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    grid = tuple(int(n) for n in grid)
+    if not grid or math.prod(grid) <= 0:
+        raise ValueError(f"sin-cos token grid {grid} must be non-empty with positive sizes")
+    return _table(dim, grid, device, dtype)

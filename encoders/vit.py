@@ -12,7 +12,9 @@ import torch
 import torch.nn as nn
 from timm.models.vision_transformer import Block
 
-from .pos_embed import sincos_2d
+from .layers import drop_path_rates
+from .pos_embed import sincos_table
+from .registry import register_encoder
 
 # name -> (embed_dim, depth, num_heads, mlp_ratio)
 VIT_SIZES = {
@@ -46,7 +48,7 @@ def gather_tokens(tokens: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 
 class VisionTransformer(nn.Module):
-    """ViT without a class token.
+    """ViT without a class token (the encoder protocol of ``encoders.registry``).
 
     forward(images (B, C, H, W), keep_idx (B, K) long | None, key_padding_mask (B, K) bool | None) -> (B, K, D)
     (K = H/p * W/p when ``keep_idx`` is None). Padding entries of ``keep_idx`` may hold any valid index.
@@ -62,46 +64,51 @@ class VisionTransformer(nn.Module):
         qkv_bias: bool = True,
         drop_path: float = 0.0,
         in_chans: int = 3,
-        img_size: int = 224,
     ):
         super().__init__()
         self.patch_size = patch_size
         self.embed_dim = embed_dim
         self.num_heads = num_heads
         self.mlp_ratio = mlp_ratio
-        self.img_size = img_size
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
-        rates = torch.linspace(0, drop_path, depth).tolist()
         self.blocks = nn.ModuleList(
             Block(embed_dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop_path=rate, norm_layer=_layer_norm)
-            for rate in rates
+            for rate in drop_path_rates(drop_path, depth)
         )
         self.norm = _layer_norm(embed_dim)
         init_vit_weights(self)
 
-    def grid_size(self, height: int, width: int) -> tuple[int, int]:
+    def token_grid(self, input_shape) -> tuple[int, int]:
+        """(C, H, W) (or (..., H, W)) -> the (H/p, W/p) token grid."""
+        height, width = input_shape[-2:]
         return height // self.patch_size, width // self.patch_size
-
-    def pos_embed(self, grid_h: int, grid_w: int, device, dtype) -> torch.Tensor:
-        """(1, H*W, D) fixed 2-D sin-cos table."""
-        return sincos_2d(self.embed_dim, grid_h, grid_w).to(device=device, dtype=dtype).unsqueeze(0)
 
     def embed(self, images: torch.Tensor, keep_idx: torch.Tensor | None = None) -> torch.Tensor:
         tokens = self.patch_embed(images)
-        tokens = tokens + self.pos_embed(*self.grid_size(*images.shape[-2:]), tokens.device, tokens.dtype)
+        table = sincos_table(self.embed_dim, self.token_grid(images.shape), tokens.device, tokens.dtype)
+        tokens = tokens + table.unsqueeze(0)
         return tokens if keep_idx is None else gather_tokens(tokens, keep_idx)
 
-    def forward(self, images, keep_idx=None, key_padding_mask=None, return_layers: int = 0):
-        """With ``return_layers=n`` also returns the normed outputs of the last n blocks: list of (B, K, D)."""
+    def _run(self, images, keep_idx, key_padding_mask, keep_from: int) -> list[torch.Tensor]:
+        """Outputs (B, K, D) of the blocks from index ``keep_from`` on, before the final norm."""
         x = self.embed(images, keep_idx)
         attn_mask = None if key_padding_mask is None else (~key_padding_mask)[:, None, None, :]
-        layers = []
+        kept = []
         for i, block in enumerate(self.blocks):
             x = block(x, attn_mask=attn_mask)
-            if return_layers and i >= len(self.blocks) - return_layers:
-                layers.append(self.norm(x))
-        out = self.norm(x)
-        return (out, layers) if return_layers else out
+            if i >= keep_from:
+                kept.append(x)
+        return kept
+
+    def forward(self, images, keep_idx=None, key_padding_mask=None) -> torch.Tensor:
+        return self.norm(self._run(images, keep_idx, key_padding_mask, len(self.blocks) - 1)[-1])
+
+    def intermediate_layers(self, images, count: int, keep_idx=None, key_padding_mask=None) -> list[torch.Tensor]:
+        """The final-normed outputs of the last ``count`` blocks, oldest first: ``count`` x (B, K, D); the last one
+        equals ``forward``."""
+        if not 1 <= count <= len(self.blocks):
+            raise ValueError(f"intermediate layers: count {count} must be in [1, {len(self.blocks)}] (the depth)")
+        return [self.norm(x) for x in self._run(images, keep_idx, key_padding_mask, len(self.blocks) - count)]
 
 
 def _layer_norm(dim: int, **factory_kwargs) -> nn.LayerNorm:
@@ -139,19 +146,18 @@ def _output_projections(block: nn.Module) -> list[nn.Linear]:
     return out
 
 
-def vit(name: str, patch_size: int = 16, img_size: int = 224, drop_path: float = 0.0, qkv_bias: bool = True,
-        embed_dim: int | None = None, depth: int | None = None, num_heads: int | None = None) -> VisionTransformer:
-    """Build a named ViT size; ``embed_dim``/``depth``/``num_heads`` override it (small test models)."""
-    if name not in VIT_SIZES:
-        raise ValueError(f"model.encoder '{name}' is unknown (expected one of {sorted(VIT_SIZES)} or cnn:<timm name>)")
-    dim, default_depth, heads, mlp_ratio = VIT_SIZES[name]
-    return VisionTransformer(
-        patch_size=patch_size,
-        embed_dim=embed_dim or dim,
-        depth=depth or default_depth,
-        num_heads=num_heads or heads,
-        mlp_ratio=mlp_ratio,
-        qkv_bias=qkv_bias,
-        drop_path=drop_path,
-        img_size=img_size,
-    )
+def _vit_builder(size: str):
+    dim, default_depth, heads, mlp_ratio = VIT_SIZES[size]
+
+    def build(patch_size: int = 16, drop_path: float = 0.0, qkv_bias: bool = True, embed_dim: int | None = None,
+              depth: int | None = None, num_heads: int | None = None) -> VisionTransformer:
+        """``embed_dim``/``depth``/``num_heads`` override the named size (small test models)."""
+        return VisionTransformer(patch_size=patch_size, embed_dim=embed_dim or dim, depth=depth or default_depth,
+                                 num_heads=num_heads or heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
+                                 drop_path=drop_path)
+
+    return build
+
+
+for _size in VIT_SIZES:
+    register_encoder(_size)(_vit_builder(_size))

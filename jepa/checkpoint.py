@@ -2,7 +2,7 @@
 
 A checkpoint folder ``checkpoint-<step:08d>/`` holds accelerate's ``save_state`` output (online model as
 safetensors, optimizer, RNG states; accelerate reads these back with ``torch.load(weights_only=True)``) plus:
-- ``target_encoder.safetensors``  EMA weights
+- ``<teacher>.safetensors``       every teacher of the method by name (I-JEPA: ``target_encoder.safetensors``)
 - ``train_state.json``            step, data position, schedules, monitor results
 - ``config.yaml``                 the resolved config
 It is written to ``.tmp-checkpoint-<step>`` and renamed when complete, so a crash never leaves a half-written
@@ -21,20 +21,31 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from .config import Config, load_config, to_dict, to_yaml
+from .config import flatten, load_config, resumable_keys, to_yaml
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d{8})$")
-REQUIRED_FILES = ("train_state.json", "config.yaml", "target_encoder.safetensors", "model.safetensors")
-# Config sections/keys that may change between a checkpoint and its resumption.
-RESUMABLE_CHANGES = ("trainer.max_steps", "trainer.output_dir", "trainer.checkpoint_every", "trainer.log_every",
-                     "trainer.keep_checkpoints", "trainer.progress_bar", "trainer.compile", "data.root",
-                     "data.num_workers", "data.pin_memory", "data.on_corrupt", "monitor.")
+MARKER_FILES = ("train_state.json", "config.yaml")  # what makes a folder a checkpoint, whatever the method
+MODEL_FILE = "model.safetensors"
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint is incomplete, corrupt, or does not match the current config."""
+
+
+def is_checkpoint_dir(path: str | Path) -> bool:
+    """The one definition: a folder holding the marker files (``train_state.json``, ``config.yaml``)."""
+    return all((Path(path) / name).is_file() for name in MARKER_FILES)
+
+
+def find_checkpoint(path: str | Path) -> Path | None:
+    """``path`` itself when it is a checkpoint, else the newest complete ``checkpoint-<step>`` inside it."""
+    return Path(path) if is_checkpoint_dir(path) else latest_checkpoint(path)
+
+
+def teacher_file(name: str) -> str:
+    return f"{name}.safetensors"
 
 
 def checkpoint_dirs(output_dir: str | Path) -> list[Path]:
@@ -51,8 +62,8 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return dirs[-1] if dirs else None
 
 
-def save_checkpoint(accelerator, output_dir: str | Path, step: int, target_encoder: nn.Module, train_state: dict,
-                    cfg: Config, keep: int = 2) -> Path:
+def save_checkpoint(accelerator, output_dir: str | Path, step: int, teachers: dict[str, nn.Module],
+                    train_state: dict, cfg, keep: int = 2) -> Path:
     """Write the whole state for ``step``; returns the final folder. Collective: call on every process."""
     output_dir = Path(output_dir)
     final = output_dir / f"checkpoint-{step:08d}"
@@ -64,8 +75,9 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, target_encod
     save_file(rng_state(), str(tmp / f"rng_state_{accelerator.process_index}.safetensors"))
     accelerator.wait_for_everyone()  # every process has written its RNG state before the rename
     if accelerator.is_main_process:
-        state = {k: v.detach().cpu().contiguous() for k, v in target_encoder.state_dict().items()}
-        save_file(state, str(tmp / "target_encoder.safetensors"))
+        for name, teacher in teachers.items():
+            state = {k: v.detach().cpu().contiguous() for k, v in teacher.state_dict().items()}
+            save_file(state, str(tmp / teacher_file(name)))
         (tmp / "train_state.json").write_text(json.dumps(train_state, indent=2))
         (tmp / "config.yaml").write_text(to_yaml(cfg))
         if final.exists():
@@ -96,13 +108,14 @@ def restore_rng_state(path: Path, process_index: int) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def check_compatible(saved: Config, current: Config, path: Path) -> None:
-    """Raise CheckpointError listing every config key that differs and may not change on resume."""
-    saved_flat, current_flat = _flat(to_dict(saved)), _flat(to_dict(current))
+def check_compatible(saved, current, path: Path) -> None:
+    """Raise CheckpointError listing every config key that differs and is not declared resumable."""
+    saved_flat, current_flat = flatten(saved), flatten(current)
+    resumable = resumable_keys(current)
     bad = [
         f"{key}: checkpoint {saved_flat.get(key)!r} vs now {current_flat.get(key)!r}"
         for key in sorted(set(saved_flat) | set(current_flat))
-        if saved_flat.get(key) != current_flat.get(key) and not key.startswith(RESUMABLE_CHANGES)
+        if saved_flat.get(key) != current_flat.get(key) and key not in resumable
     ]
     if bad:
         raise CheckpointError(
@@ -111,20 +124,11 @@ def check_compatible(saved: Config, current: Config, path: Path) -> None:
         )
 
 
-def _flat(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def load_checkpoint(accelerator, path: Path, target_encoder: nn.Module, cfg: Config) -> dict:
-    """Restore the online model, optimizer, RNG states (through accelerate) and the target encoder; return the
-    train state dict. Any missing file, unreadable file or config mismatch raises CheckpointError."""
-    missing = [name for name in REQUIRED_FILES if not (path / name).is_file()]
+def load_checkpoint(accelerator, path: Path, teachers: dict[str, nn.Module], cfg) -> dict:
+    """Restore the online model, optimizer, RNG states (through accelerate) and every teacher; return the train
+    state dict. Any missing file, unreadable file or config mismatch raises CheckpointError."""
+    required = [*MARKER_FILES, *(teacher_file(name) for name in teachers), MODEL_FILE]
+    missing = [name for name in required if not (path / name).is_file()]
     if missing:
         raise CheckpointError(f"checkpoint '{path}' is incomplete: missing {missing}")
     try:
@@ -136,8 +140,8 @@ def load_checkpoint(accelerator, path: Path, target_encoder: nn.Module, cfg: Con
         train_state = json.loads((path / "train_state.json").read_text())
         accelerator.load_state(str(path))
         restore_rng_state(path, accelerator.process_index)
-        target_state = load_file(str(path / "target_encoder.safetensors"))
-        target_encoder.load_state_dict(target_state, strict=True)
+        for name, teacher in teachers.items():
+            teacher.load_state_dict(load_file(str(path / teacher_file(name))), strict=True)
     except CheckpointError:
         raise
     except Exception as err:  # corrupt files surface as many exception types; name the checkpoint

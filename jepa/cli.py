@@ -2,7 +2,7 @@
 
     jepa train --config configs/quickstart.yaml key=value ...
     jepa eval {linear,attentive,knn,lowshot} --encoder X --data PATH [--out DIR] [key=value ...]
-    jepa export --ckpt DIR --to timm|hf|safetensors|onnx --out DIR [--which target|context] [--img-size N]
+    jepa export --ckpt DIR --to timm|hf|safetensors|onnx --out DIR [--which NAME] [--img-size N]
 
 Each subcommand imports its implementation lazily, inside its function.
 """
@@ -27,18 +27,19 @@ def run_eval(argv: list[str]) -> None:
 
 
 def run_export(argv: list[str]) -> None:
-    from jepa.export import FORMATS, WHICH, export_encoder
+    from jepa.export import FORMATS, export_encoder
 
     parser = argparse.ArgumentParser(prog="jepa export", description="Write a checkpoint's encoder only "
                                      "(prefixes stripped, config alongside) in timm / HF / safetensors / ONNX form.")
     parser.add_argument("--ckpt", required=True, help="training output folder (newest checkpoint) or checkpoint folder")
     parser.add_argument("--to", required=True, choices=FORMATS)
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--which", default="target", choices=WHICH, help="target (EMA, default) or context encoder")
+    parser.add_argument("--which", default=None, help="which of the method's encoders (I-JEPA: target (EMA, the "
+                        "default) or context)")
     parser.add_argument("--img-size", type=int, default=0, help="export resolution (default: training data.img_size)")
     args = parser.parse_args(argv)
     out = export_encoder(args.ckpt, args.to, args.out, args.which, args.img_size or None)
-    print(f"exported the {args.which} encoder of {args.ckpt} as {args.to} to {out}")
+    print(f"exported the {args.which or 'default'} encoder of {args.ckpt} as {args.to} to {out}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -18,7 +18,7 @@ Every export folder holds ``config.yaml`` (the training config the encoder was b
 
   ViT mapping (ours -> timm ``VisionTransformer``): every parameter keeps its name (our ViT is built from timm's
   ``Block`` with timm's names); timm's ``pos_embed`` (1, N, D) is *added* and holds our fixed 2-D sin-cos table
-  ``sincos_2d(D, S/p, S/p)`` for the export size S (first D/2 channels: row, last D/2: column) — fixed in our
+  ``sincos_table(D, (S/p, S/p))`` for the export size S (first D/2 channels: row, last D/2: column) — fixed in our
   encoder, a (learnable) parameter in timm. ``model_args``: ``class_token=False``, ``no_embed_class=True``,
   ``reg_tokens=0``, ``global_pool='avg'``, ``fc_norm=False`` (so timm's final ``norm`` is applied to every token
   before pooling, as ours), ``dynamic_img_size=False``, ``qkv_bias``, ``mlp_ratio``, LayerNorm eps 1e-6 (timm's
@@ -31,10 +31,7 @@ Every export folder holds ``config.yaml`` (the training config the encoder was b
   layer_norm(timm_model.forward_features(x).flatten(2).transpose(1, 2), weight, bias, eps=1e-6)``.
 - ``hf`` (ViT only): ``config.json`` (``IJepaConfig``: ``layer_norm_eps=1e-6``, ``hidden_act='gelu'``,
   ``image_size`` = S) and ``model.safetensors`` in the hub checkpoint naming that every transformers version
-  reads (``embeddings.patch_embeddings.projection``, ``embeddings.position_embeddings`` = the sin-cos table,
-  ``encoder.layer.i.attention.attention.{query,key,value}`` = the rows of our fused ``blocks.i.attn.qkv``,
-  ``encoder.layer.i.attention.output.dense`` = ``attn.proj``, ``layernorm_before/after`` = ``norm1/norm2``,
-  ``intermediate.dense``/``output.dense`` = ``mlp.fc1/fc2``, ``layernorm`` = ``norm``).
+  reads (the name table: ``jepa/hf_mapping.py``; ``embeddings.position_embeddings`` = the sin-cos table).
   ``IJepaModel.from_pretrained(folder)(pixel_values).last_hidden_state`` equals ``encoder(x)``.
 - ``onnx``: ``encoder.onnx``, input ``images`` (B, 3, S, S) -> output ``tokens`` (B, N, D), dynamic batch axis;
   checked against the PyTorch encoder with onnxruntime when it is installed.
@@ -51,85 +48,22 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from encoders.cnn import CNNEncoder
-from encoders.pos_embed import sincos_2d
-from encoders.registry import build_encoder
+from encoders.pos_embed import sincos_table
 from encoders.vit import VisionTransformer
 
-from .checkpoint import CHECKPOINT_PATTERN, latest_checkpoint
-from .config import Config, load_config, to_yaml
+from .config import load_config, to_yaml
+from .hf_mapping import from_hf, to_hf
+from .methods import get_method
+from .reader import EncoderReadError, load_checkpoint_encoder, load_strict, read_weights
 
 FORMATS = ("timm", "hf", "safetensors", "onnx")
-WHICH = ("target", "context")
 # eval transform statistics (data.transforms; jepa/ does not import data/)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class ExportError(ValueError):
-    """A checkpoint or export folder is missing, incomplete, or cannot be written in the asked format."""
-
-
-# ----------------------------------------------------------------------------------------------- checkpoints
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder itself, or the newest ``checkpoint-<step>`` inside a training output folder."""
-    path = Path(path)
-    if not path.exists():
-        raise ExportError(f"checkpoint path '{path}' does not exist (expected a training output folder or a "
-                          f"checkpoint-<step> folder)")
-    if (path / "config.yaml").is_file() and (path / "target_encoder.safetensors").is_file():
-        return path
-    newest = latest_checkpoint(path)
-    if newest is None:
-        raise ExportError(f"'{path}' holds no checkpoint (expected checkpoint-<step>/ folders with config.yaml and "
-                          f"target_encoder.safetensors, or such a folder itself)")
-    return newest
-
-
-def is_checkpoint_path(path: str | Path) -> bool:
-    path = Path(path)
-    if (path / "target_encoder.safetensors").is_file():
-        return True
-    return path.is_dir() and any(CHECKPOINT_PATTERN.match(p.name) for p in path.iterdir() if p.is_dir())
-
-
-def build_from_config(cfg: Config) -> nn.Module:
-    m = cfg.model
-    return build_encoder(m.encoder, patch_size=m.patch_size, img_size=m.img_size, qkv_bias=m.qkv_bias,
-                         embed_dim=m.embed_dim, depth=m.depth, num_heads=m.num_heads)
-
-
-def load_checkpoint_encoder(path: str | Path, which: str = "target") -> tuple[nn.Module, Config, Path]:
-    """(encoder in eval mode, its training config, the checkpoint folder used). ``which``: ``target`` (EMA
-    weights, ``target_encoder.safetensors``) or ``context`` (``context_encoder.*`` of ``model.safetensors``)."""
-    if which not in WHICH:
-        raise ExportError(f"--which '{which}' is unknown (expected one of {list(WHICH)})")
-    ckpt = resolve_checkpoint(path)
-    cfg = load_config(ckpt / "config.yaml")
-    encoder = build_from_config(cfg)
-    if which == "target":
-        state = _read(ckpt / "target_encoder.safetensors")
-    else:
-        online = _read(ckpt / "model.safetensors")
-        prefix = "context_encoder."
-        state = {k[len(prefix):]: v for k, v in online.items() if k.startswith(prefix)}
-        if not state:
-            raise ExportError(f"'{ckpt / 'model.safetensors'}' has no '{prefix}*' keys (found e.g. "
-                              f"{sorted(online)[:3]})")
-    _load_strict(encoder, state, ckpt)
-    return encoder.eval(), cfg, ckpt
-
-
-def _read(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise ExportError(f"missing weights file '{path}'")
-    return load_file(str(path))
-
-
-def _load_strict(encoder: nn.Module, state: dict, where: Path) -> None:
-    result = encoder.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise ExportError(f"weights in '{where}' do not match the encoder of its config: missing "
-                          f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}")
+class ExportError(EncoderReadError):
+    """An export folder is missing or incomplete, or an encoder cannot be written in the asked format."""
 
 
 # ------------------------------------------------------------------------------------------------ mappings
@@ -143,7 +77,7 @@ def _vit_check(encoder: nn.Module, fmt: str) -> VisionTransformer:
 def pos_table(encoder: VisionTransformer, img_size: int) -> torch.Tensor:
     """(1, (S/p)^2, D) fixed sin-cos table of our ViT at export size S."""
     grid = img_size // encoder.patch_size
-    return sincos_2d(encoder.embed_dim, grid, grid).unsqueeze(0).clone()
+    return sincos_table(encoder.embed_dim, (grid, grid)).unsqueeze(0).clone()
 
 
 def timm_arch(encoder: VisionTransformer, size_name: str, img_size: int) -> str:
@@ -173,50 +107,9 @@ def to_timm_vit_state(encoder: VisionTransformer, img_size: int) -> dict[str, to
 
 
 def to_hf_state(encoder: VisionTransformer, img_size: int) -> dict[str, torch.Tensor]:
-    """Our ViT state -> IJepaModel hub-checkpoint keys (see the module docstring)."""
+    """Our ViT state -> IJepaModel hub-checkpoint keys (``jepa/hf_mapping.py``)."""
     src = {k: v.detach().cpu().float() for k, v in encoder.state_dict().items()}
-    out = {
-        "embeddings.patch_embeddings.projection.weight": src["patch_embed.proj.weight"],
-        "embeddings.patch_embeddings.projection.bias": src["patch_embed.proj.bias"],
-        "embeddings.position_embeddings": pos_table(encoder, img_size),
-        "layernorm.weight": src["norm.weight"],
-        "layernorm.bias": src["norm.bias"],
-    }
-    for i in range(len(encoder.blocks)):
-        ours, hf = f"blocks.{i}.", f"encoder.layer.{i}."
-        for kind in ("weight", "bias"):
-            qkv = src.get(f"{ours}attn.qkv.{kind}")
-            if qkv is not None:
-                for name, part in zip(("query", "key", "value"), qkv.chunk(3, dim=0)):
-                    out[f"{hf}attention.attention.{name}.{kind}"] = part
-            out[f"{hf}attention.output.dense.{kind}"] = src[f"{ours}attn.proj.{kind}"]
-            out[f"{hf}layernorm_before.{kind}"] = src[f"{ours}norm1.{kind}"]
-            out[f"{hf}layernorm_after.{kind}"] = src[f"{ours}norm2.{kind}"]
-            out[f"{hf}intermediate.dense.{kind}"] = src[f"{ours}mlp.fc1.{kind}"]
-            out[f"{hf}output.dense.{kind}"] = src[f"{ours}mlp.fc2.{kind}"]
-    return {k: v.contiguous() for k, v in out.items()}
-
-
-def from_hf_state(hf: dict[str, torch.Tensor], depth: int) -> dict[str, torch.Tensor]:
-    """Inverse of ``to_hf_state`` (position table dropped: ours is computed)."""
-    out = {
-        "patch_embed.proj.weight": hf["embeddings.patch_embeddings.projection.weight"],
-        "patch_embed.proj.bias": hf["embeddings.patch_embeddings.projection.bias"],
-        "norm.weight": hf["layernorm.weight"],
-        "norm.bias": hf["layernorm.bias"],
-    }
-    for i in range(depth):
-        ours, src = f"blocks.{i}.", f"encoder.layer.{i}."
-        for kind in ("weight", "bias"):
-            parts = [hf.get(f"{src}attention.attention.{n}.{kind}") for n in ("query", "key", "value")]
-            if parts[0] is not None:
-                out[f"{ours}attn.qkv.{kind}"] = torch.cat(parts, 0)
-            out[f"{ours}attn.proj.{kind}"] = hf[f"{src}attention.output.dense.{kind}"]
-            out[f"{ours}norm1.{kind}"] = hf[f"{src}layernorm_before.{kind}"]
-            out[f"{ours}norm2.{kind}"] = hf[f"{src}layernorm_after.{kind}"]
-            out[f"{ours}mlp.fc1.{kind}"] = hf[f"{src}intermediate.dense.{kind}"]
-            out[f"{ours}mlp.fc2.{kind}"] = hf[f"{src}output.dense.{kind}"]
-    return out
+    return to_hf(src, len(encoder.blocks), pos_table(encoder, img_size))
 
 
 # ------------------------------------------------------------------------------------------------- writers
@@ -227,7 +120,7 @@ def _pretrained_cfg(img_size: int, first_conv: str, classifier: str, fixed_input
                 first_conv=first_conv, classifier=classifier, custom_load=False, license="apache-2.0")
 
 
-def write_timm(encoder: nn.Module, cfg: Config, img_size: int, out: Path) -> dict:
+def write_timm(encoder: nn.Module, cfg, img_size: int, out: Path) -> dict:
     if isinstance(encoder, CNNEncoder):
         state = {k.removeprefix("backbone."): v.detach().cpu().float().contiguous()
                  for k, v in encoder.state_dict().items() if k.startswith("backbone.")}
@@ -250,7 +143,7 @@ def write_timm(encoder: nn.Module, cfg: Config, img_size: int, out: Path) -> dic
     return {"architecture": config["architecture"]}
 
 
-def write_hf(encoder: nn.Module, cfg: Config, img_size: int, out: Path) -> dict:
+def write_hf(encoder: nn.Module, cfg, img_size: int, out: Path) -> dict:
     from transformers import IJepaConfig
 
     vit_encoder = _vit_check(encoder, "hf")
@@ -265,7 +158,7 @@ def write_hf(encoder: nn.Module, cfg: Config, img_size: int, out: Path) -> dict:
     return {}
 
 
-def write_safetensors(encoder: nn.Module, cfg: Config, img_size: int, out: Path) -> dict:
+def write_safetensors(encoder: nn.Module, cfg, img_size: int, out: Path) -> dict:
     state = {k: v.detach().cpu().float().contiguous() for k, v in encoder.state_dict().items()}
     save_file(state, str(out / "encoder.safetensors"), metadata={"format": "pt"})
     return {}
@@ -280,7 +173,7 @@ class _TokensOnly(nn.Module):
         return self.encoder(images)
 
 
-def write_onnx(encoder: nn.Module, cfg: Config, img_size: int, out: Path) -> dict:
+def write_onnx(encoder: nn.Module, cfg, img_size: int, out: Path) -> dict:
     path = out / "encoder.onnx"
     example = torch.randn(2, 3, img_size, img_size, generator=torch.Generator().manual_seed(0))
     with warnings.catch_warnings():
@@ -308,10 +201,11 @@ def write_onnx(encoder: nn.Module, cfg: Config, img_size: int, out: Path) -> dic
 WRITERS = {"timm": write_timm, "hf": write_hf, "safetensors": write_safetensors, "onnx": write_onnx}
 
 
-def export_encoder(ckpt: str | Path, fmt: str, out: str | Path, which: str = "target",
+def export_encoder(ckpt: str | Path, fmt: str, out: str | Path, which: str | None = None,
                    img_size: int | None = None) -> Path:
-    """Write the encoder of checkpoint ``ckpt`` (newest in a training folder) to ``out`` in format ``fmt``;
-    ``img_size`` defaults to the training ``data.img_size``. Returns ``out``."""
+    """Write the encoder ``which`` (default: the method's first, I-JEPA's EMA target) of checkpoint ``ckpt`` (newest
+    in a training folder) to ``out`` in format ``fmt``; ``img_size`` defaults to the training ``data.img_size``.
+    Returns ``out``."""
     if fmt not in FORMATS:
         raise ExportError(f"--to '{fmt}' is unknown (expected one of {list(FORMATS)})")
     encoder, cfg, ckpt_path = load_checkpoint_encoder(ckpt, which)
@@ -323,7 +217,7 @@ def export_encoder(ckpt: str | Path, fmt: str, out: str | Path, which: str = "ta
     info = WRITERS[fmt](encoder, cfg, img_size, out)
     (out / "config.yaml").write_text(to_yaml(cfg))
     meta = dict(format=fmt, encoder=cfg.model.encoder, img_size=img_size, source=str(ckpt_path.resolve()),
-                which=which, **info)
+                which=which or get_method(cfg.method).default_encoder, **info)
     (out / "export.json").write_text(json.dumps(meta, indent=2))
     return out
 
@@ -333,29 +227,29 @@ def is_export_path(path: str | Path) -> bool:
     return (Path(path) / "export.json").is_file()
 
 
-def load_export(path: str | Path) -> tuple[nn.Module, Config, dict]:
+def load_export(path: str | Path) -> tuple[nn.Module, object, dict]:
     """(our encoder with the exported weights, training config, export.json) of a safetensors/timm/hf export."""
     path = Path(path)
     if not is_export_path(path):
         raise ExportError(f"'{path}' is not an export folder (no export.json; write one with `jepa export`)")
     meta = json.loads((path / "export.json").read_text())
     cfg = load_config(path / "config.yaml")
-    encoder = build_from_config(cfg)
+    encoder = get_method(cfg.method).build_encoder(cfg)
     fmt = meta.get("format")
     if fmt == "safetensors":
-        state = _read(path / "encoder.safetensors")
+        state = read_weights(path / "encoder.safetensors")
     elif fmt == "timm" and isinstance(encoder, CNNEncoder):
-        state = {f"backbone.{k}": v for k, v in _read(path / "model.safetensors").items()}
-        state.update({f"norm.{k}": v for k, v in _read(path / "token_norm.safetensors").items()})
+        state = {f"backbone.{k}": v for k, v in read_weights(path / "model.safetensors").items()}
+        state.update({f"norm.{k}": v for k, v in read_weights(path / "token_norm.safetensors").items()})
     elif fmt == "timm":
-        state = _read(path / "model.safetensors")
+        state = read_weights(path / "model.safetensors")
         state.pop("pos_embed", None)
     elif fmt == "hf":
-        state = from_hf_state(_read(path / "model.safetensors"), len(encoder.blocks))
+        state = from_hf(read_weights(path / "model.safetensors"), len(encoder.blocks))
     else:
         raise ExportError(f"export '{path}' has format {fmt!r}; evaluation reads safetensors, timm or hf exports "
                           f"(ONNX is for deployment: evaluate its source checkpoint {meta.get('source')!r} instead)")
-    _load_strict(encoder, state, path)
+    load_strict(encoder, state, path)
     return encoder.eval(), cfg, meta
 
 

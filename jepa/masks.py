@@ -1,6 +1,6 @@
-"""Multi-block mask sampling (I-JEPA) on a patch grid, vectorised over the batch.
+"""Multi-block mask sampling (I-JEPA, V-JEPA) on a token grid of any rank, vectorised over the batch.
 
-One call draws, for a batch of B images on an (H, W) token grid:
+One call draws, for a batch of B images on an (H, W) token grid (or clips on a (T, H, W) grid):
 - ``num_targets`` target blocks per image. As in I-JEPA, the block *size* (scale, aspect) is drawn once per
   batch, so every target block holds exactly ``h * w`` tokens and the targets stack to (B, num_targets, h*w).
 - ``num_context`` context blocks per image (their union), minus every target token of that image.
@@ -25,7 +25,7 @@ import torch
 
 @dataclass
 class MaskBatch:
-    """Indices into the flattened (H*W) token grid.
+    """Indices into the flattened token grid (raster order: H*W, or T*H*W).
 
     context_idx: (B, Nc) long, ascending raster order; padding entries hold 0.
     context_pad: (B, Nc) bool, True at padding (all False in ``truncate`` mode).
@@ -54,29 +54,41 @@ def block_size(rng: np.random.Generator, scale, aspect, grid_h: int, grid_w: int
     return min(max(h, 1), grid_h - edge), min(max(w, 1), grid_w - edge)
 
 
-def block_masks(rng: np.random.Generator, shape: tuple[int, ...], h: int, w: int, grid_h: int, grid_w: int,
-                reachable_edges: bool = True):
-    """Boolean masks (*shape, H, W) of h×w blocks at uniform positions.
+def block_shape(rng: np.random.Generator, grid: tuple[int, ...], scale, aspect, leading_scale=(1.0, 1.0),
+                reachable_edges: bool = True) -> tuple[int, ...]:
+    """One block shape on a grid of any rank >= 2: the last two axes (rows, columns) by ``block_size``; each leading
+    axis (time) spans a fraction drawn from ``leading_scale`` of its length (at least 1)."""
+    h, w = block_size(rng, scale, aspect, grid[-2], grid[-1], reachable_edges)
+    leading = tuple(min(max(int(round(rng.uniform(*leading_scale) * n)), 1), n) for n in grid[:-2])
+    return (*leading, h, w)
 
-    With ``reachable_edges`` False the top-left corner is drawn from ``[0, H - h)`` as in the official code,
-    so a block never touches the last row/column."""
-    edge = 0 if reachable_edges else 1
-    top = rng.integers(0, grid_h - h + 1 - edge, size=shape)[..., None, None]
-    left = rng.integers(0, grid_w - w + 1 - edge, size=shape)[..., None, None]
-    rows = np.arange(grid_h)[:, None]
-    cols = np.arange(grid_w)[None, :]
-    return (rows >= top) & (rows < top + h) & (cols >= left) & (cols < left + w)
+
+def block_masks(rng: np.random.Generator, shape: tuple[int, ...], block: tuple[int, ...], grid: tuple[int, ...],
+                reachable_edges: bool = True) -> np.ndarray:
+    """Boolean masks (*shape, *grid) of ``block``-shaped boxes at uniform positions (corners drawn axis by axis).
+
+    With ``reachable_edges`` False the row/column corner is drawn from ``[0, n - b)`` as in the official code, so a
+    block never touches the last row/column; leading (time) axes always use ``[0, n - b]``."""
+    rank = len(grid)
+    inside = np.ones((*shape, *grid), dtype=bool)
+    for axis, (n, b) in enumerate(zip(grid, block)):
+        edge = 0 if reachable_edges or axis < rank - 2 else 1
+        start = rng.integers(0, n - b + 1 - edge, size=shape).reshape(*shape, *([1] * rank))
+        coords = np.arange(n).reshape(*([1] * len(shape)), *[n if a == axis else 1 for a in range(rank)])
+        inside &= (coords >= start) & (coords < start + b)
+    return inside
 
 
 class MultiBlockMaskSampler:
-    """I-JEPA multi-block sampler for an (H, W) token grid.
+    """Multi-block sampler for a token grid of any rank: (H, W) images, (T, H, W) video.
 
     sampler(batch_size, seed_key) -> MaskBatch; ``seed_key`` is a tuple of ints, e.g. (seed, epoch, batch).
+    ``leading_scale``: the fraction of each leading (time) axis a block spans (rank >= 3 grids only).
     """
 
     def __init__(
         self,
-        grid_size: tuple[int, int],
+        grid_size: tuple[int, ...],
         num_targets: int = 4,
         target_scale=(0.15, 0.2),
         target_aspect=(0.75, 1.5),
@@ -87,16 +99,22 @@ class MultiBlockMaskSampler:
         equalize: str = "pad",
         reachable_edges: bool = True,
         max_tries: int = 50,
+        target_leading_scale=(1.0, 1.0),
+        context_leading_scale=(1.0, 1.0),
     ):
         if equalize not in ("pad", "truncate"):
             raise ValueError(f"masks.equalize '{equalize}' is unknown (expected 'pad' or 'truncate')")
-        self.grid_h, self.grid_w = grid_size
-        if min_keep > self.grid_h * self.grid_w:
-            raise ValueError(f"masks.min_keep {min_keep} exceeds the {self.grid_h}x{self.grid_w} token grid")
+        self.grid = tuple(int(n) for n in grid_size)
+        if len(self.grid) < 2 or min(self.grid) < 1:
+            raise ValueError(f"mask token grid {grid_size} must have rank >= 2 and positive sizes")
+        self.num_tokens = math.prod(self.grid)
+        if min_keep > self.num_tokens:
+            raise ValueError(f"masks.min_keep {min_keep} exceeds the {'x'.join(map(str, self.grid))} token grid")
         self.num_targets = num_targets
         self.target_scale, self.target_aspect = tuple(target_scale), tuple(target_aspect)
         self.num_context = num_context
         self.context_scale, self.context_aspect = tuple(context_scale), tuple(context_aspect)
+        self.target_leading_scale, self.context_leading_scale = tuple(target_leading_scale), tuple(context_leading_scale)
         self.min_keep = min_keep
         self.equalize = equalize
         self.reachable_edges = reachable_edges
@@ -104,14 +122,14 @@ class MultiBlockMaskSampler:
 
     def __call__(self, batch_size: int, seed_key: tuple[int, ...]) -> MaskBatch:
         rng = np.random.default_rng([int(k) for k in seed_key])
-        H, W = self.grid_h, self.grid_w
-        edges = self.reachable_edges
-        th, tw = block_size(rng, self.target_scale, self.target_aspect, H, W, edges)
-        ch, cw = block_size(rng, self.context_scale, self.context_aspect, H, W, edges)
+        grid, edges = self.grid, self.reachable_edges
+        target_block = block_shape(rng, grid, self.target_scale, self.target_aspect, self.target_leading_scale, edges)
+        context_block = block_shape(rng, grid, self.context_scale, self.context_aspect, self.context_leading_scale,
+                                    edges)
 
         def draw(k: int):
-            targets = block_masks(rng, (k, self.num_targets), th, tw, H, W, edges)  # (k, n, H, W)
-            context = block_masks(rng, (k, self.num_context), ch, cw, H, W, edges).any(1) & ~targets.any(1)
+            targets = block_masks(rng, (k, self.num_targets), target_block, grid, edges)  # (k, n, *grid)
+            context = block_masks(rng, (k, self.num_context), context_block, grid, edges).any(1) & ~targets.any(1)
             return targets, context
 
         targets, context = draw(batch_size)
@@ -124,10 +142,11 @@ class MultiBlockMaskSampler:
         else:
             raise ValueError(
                 f"could not draw a context of masks.min_keep={self.min_keep} tokens in {self.max_tries} tries on a "
-                f"{H}x{W} grid with target blocks {th}x{tw}; lower masks.min_keep or masks.target_scale"
+                f"{'x'.join(map(str, grid))} grid with target blocks {'x'.join(map(str, target_block))}; lower "
+                f"masks.min_keep or masks.target_scale"
             )
         return self._to_indices(context.reshape(batch_size, -1), targets.reshape(batch_size, self.num_targets, -1),
-                                th * tw)
+                                math.prod(target_block))
 
     def _to_indices(self, context: np.ndarray, targets: np.ndarray, target_len: int) -> MaskBatch:
         batch_size = context.shape[0]

@@ -1,7 +1,10 @@
 """The training loop: accelerate, gradient accumulation, EMA, schedules, checkpoints, logging, monitors.
 
-The trainer receives everything it runs (method, target encoder, loader, monitors); it builds none of it.
-One optimizer step = ``trainer.grad_accum_steps`` micro-batches; schedules and the EMA update advance once per
+The trainer receives everything it runs (the method's parts, loader, monitors); it builds none of it and names none
+of the method's pieces: it calls ``model(batch, teachers) -> MethodOutput``, updates every EMA teacher from the online
+submodule it follows, sums whatever logs the method returns, and saves every teacher by name.
+A batch is any object with ``.to(device, non_blocking=...)``, ``len(batch)`` (samples) and ``.skipped`` (a 0-d
+tensor): ``data.batch.Batch``. One optimizer step = ``trainer.grad_accum_steps`` micro-batches; schedules and the EMA update advance once per
 optimizer step. Nothing in the step reads a tensor back to the host: logs accumulate on the device and are read
 every ``trainer.log_every`` steps, where a non-finite loss also stops the run (before any checkpoint is written,
 so the last good checkpoint stays intact).
@@ -20,9 +23,11 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import Config, to_yaml
+from .config import to_yaml
 from .ema import ema_update
+from .methods import MethodParts
 from .monitors import CollapseMonitor
+from .precision import resolve_precision
 from .schedules import Cosine, Linear, WarmupCosine
 
 logger = logging.getLogger(__name__)
@@ -55,7 +60,7 @@ def param_groups(model: nn.Module) -> list[dict]:
     return [{"params": decay, "apply_wd": True}, {"params": no_decay, "apply_wd": False, "weight_decay": 0.0}]
 
 
-def build_schedules(cfg: Config) -> dict:
+def build_schedules(cfg) -> dict:
     o, total = cfg.optim, cfg.optim.schedule_steps or cfg.trainer.max_steps
     return {
         "lr": WarmupCosine(o.start_lr, o.lr, o.final_lr, o.warmup_steps, total),
@@ -74,29 +79,23 @@ def compile_blocks(module: nn.Module) -> None:
             sub.compile(dynamic=True)
 
 
-def _mixed_precision(cfg: Config) -> str:
-    """accelerate's name for the configured precision: 'bf16' or 'no' (fp32)."""
-    if cfg.trainer.mixed_precision == "auto":
-        return "bf16" if torch.cuda.is_available() else "no"
-    return {"bf16": "bf16", "fp32": "no"}[cfg.trainer.mixed_precision]
-
-
-def make_accelerator(cfg: Config):
+def make_accelerator(cfg):
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
+    precision = resolve_precision(cfg.trainer.mixed_precision, "cuda" if torch.cuda.is_available() else "cpu")
     return Accelerator(
-        mixed_precision=_mixed_precision(cfg),
+        mixed_precision={"bf16": "bf16", "fp32": "no"}[precision],
         log_with="tensorboard",
         project_config=ProjectConfiguration(project_dir=cfg.trainer.output_dir, logging_dir=cfg.trainer.output_dir),
     )
 
 
 class Trainer:
-    """fit() trains ``method`` (wrapped by accelerate) with ``target_encoder`` as its EMA teacher."""
+    """fit() trains ``parts.model`` (wrapped by accelerate) beside its teachers (never wrapped)."""
 
-    def __init__(self, cfg: Config, method: nn.Module, target_encoder: nn.Module, loader, batch_sampler,
-                 monitors: list | None = None, accelerator=None, device_transform=None):
+    def __init__(self, cfg, parts: MethodParts, loader, batch_sampler, monitors: list | None = None,
+                 accelerator=None, device_transform=None):
         """``device_transform``: batch -> batch, applied after the copy to the device (e.g. uint8 -> normalised
         float images)."""
         self.cfg = cfg
@@ -107,17 +106,20 @@ class Trainer:
         self.device_transform = device_transform or (lambda batch: batch)
         self.schedules = build_schedules(cfg)
         fused = self.device.type == "cuda"
-        optimizer = torch.optim.AdamW(param_groups(method), lr=cfg.optim.start_lr, betas=cfg.optim.betas,
+        optimizer = torch.optim.AdamW(param_groups(parts.model), lr=cfg.optim.start_lr, betas=cfg.optim.betas,
                                       weight_decay=cfg.optim.weight_decay, fused=fused)
         if cfg.trainer.compile:
-            compile_blocks(method)
-            compile_blocks(target_encoder)
-        self.model, self.optimizer = self.accelerator.prepare(method, optimizer)
+            for module in [parts.model] + [t.module for t in parts.teachers.values()]:
+                compile_blocks(module)
+        self.model, self.optimizer = self.accelerator.prepare(parts.model, optimizer)
         self.method = self.accelerator.unwrap_model(self.model)
-        self.target_encoder = target_encoder.to(self.device).requires_grad_(False)
+        self.teachers = {name: t.module.to(self.device).requires_grad_(False) for name, t in parts.teachers.items()}
+        self.ema_pairs = [(self.teachers[name], self.method.get_submodule(t.follows))
+                          for name, t in parts.teachers.items() if t.follows is not None]
+        self.monitor_encoder = parts.monitor_encoder.to(self.device)
         self.state = TrainState()
         self.collapse = CollapseMonitor()
-        self.last_features: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.last_features: dict[str, torch.Tensor] = {}
         self.output_dir = Path(cfg.trainer.output_dir)
 
     # ---------------------------------------------------------------- setup / resume
@@ -126,7 +128,7 @@ class Trainer:
         if ckpt is None:
             self._print(f"starting from scratch in {self.output_dir}")
             return
-        saved = load_checkpoint(self.accelerator, ckpt, self.target_encoder, self.cfg)
+        saved = load_checkpoint(self.accelerator, ckpt, self.teachers, self.cfg)
         self.state = TrainState(step=saved["step"], epoch=saved["epoch"], batch_in_epoch=saved["batch_in_epoch"],
                                 monitors=saved.get("monitors", {}),
                                 collapse_reference=saved.get("collapse_reference", {}))
@@ -155,40 +157,44 @@ class Trainer:
             self.batch_sampler.set_position(self.state.epoch, self.state.batch_in_epoch)
             for batch in self.loader:
                 self.state.batch_in_epoch += 1
-                yield self.device_transform({k: v.to(self.device, non_blocking=True) for k, v in batch.items()})
+                yield self.device_transform(batch.to(self.device, non_blocking=True))
 
     # ---------------------------------------------------------------- one optimizer step
-    def _train_step(self, batches, sums: dict) -> None:
+    def _train_step(self, batches, sums: dict) -> int:
+        """One optimizer step; adds its logs to ``sums``; returns the number of samples it trained on."""
         accum = self.cfg.trainer.grad_accum_steps
         lr, wd = self.schedules["lr"].value(), self.schedules["wd"].value()
         for group in self.optimizer.param_groups:
             group["lr"] = lr
             if group.get("apply_wd", False):
                 group["weight_decay"] = wd
+        samples = 0
         for micro in range(accum):
             batch = next(batches)
             sync = micro == accum - 1
             with contextlib.nullcontext() if sync else self.accelerator.no_sync(self.model):
-                with self.accelerator.autocast():
-                    targets = self.method.targets(self.target_encoder, batch)
-                out = self.model(batch, targets)
-                self.accelerator.backward(out["loss"] / accum)
-            self.last_features = (out.pop("pred"), targets)
-            for key, value in out.items():
+                out = self.model(batch, self.teachers)
+                self.accelerator.backward(out.loss / accum)
+            self.last_features = out.features
+            for key, value in {"loss": out.loss, **out.logs}.items():
                 sums[key] = sums.get(key, 0.0) + value.detach() / accum
-            sums["skipped"] = sums.get("skipped", 0) + batch["skipped"]
+            sums["skipped"] = sums.get("skipped", 0) + batch.skipped
+            samples += len(batch)
         max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else math.inf
         sums["grad_norm"] = sums.get("grad_norm", 0.0) + self.accelerator.clip_grad_norm_(
             self.model.parameters(), max_norm).detach()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        ema_update(self.target_encoder, self.method.context_encoder, self.schedules["momentum"].value())
+        for teacher, online in self.ema_pairs:
+            ema_update(teacher, online, self.schedules["momentum"].value())
         for schedule in self.schedules.values():
             schedule.step()
         self.state.step += 1
+        return samples
 
     # ---------------------------------------------------------------- logging / monitors / checkpoints
-    def _log(self, sums: dict, steps: int, seconds: float) -> dict:
+    def _log(self, sums: dict, steps: int, samples: int, seconds: float) -> dict:
+        """``samples``: this process's samples in the window (the global rate assumes equal shards)."""
         logs = {f"train/{k}": (v / steps if k != "skipped" else v) for k, v in sums.items()}
         logs = {k: float(v) for k, v in logs.items()}  # the one host sync, every log_every steps
         if not math.isfinite(logs["train/loss"]):
@@ -196,17 +202,15 @@ class Trainer:
                 f"loss became {logs['train/loss']} before step {self.state.step}; the run stops here and the last "
                 f"good checkpoint in '{self.output_dir}' is left intact (lower optim.lr or set optim.grad_clip)"
             )
-        world = self.accelerator.num_processes
-        images = steps * self.cfg.trainer.grad_accum_steps * self.cfg.data.batch_size * world
         logs.update({
             "train/lr": self.schedules["lr"].at(self.state.step - 1),
             "train/wd": self.schedules["wd"].at(self.state.step - 1),
             "train/momentum": self.schedules["momentum"].at(self.state.step - 1),
-            "train/img_per_s": images / max(seconds, 1e-9),
+            "train/samples_per_s": samples * self.accelerator.num_processes / max(seconds, 1e-9),
             "train/epoch": self.state.epoch,
         })
-        if self.last_features is not None:
-            stats, warnings = self.collapse.update(*self.last_features)
+        if self.last_features:
+            stats, warnings = self.collapse.update(self.last_features)
             self.state.collapse_reference = self.collapse.state_dict()
             logs.update(stats)
             for warning in warnings:
@@ -217,14 +221,14 @@ class Trainer:
         return logs
 
     def run_monitors(self) -> dict:
-        """Run every monitor on the target encoder; the process RNG is restored afterwards so that monitoring
+        """Run every monitor on the method's monitor encoder; the process RNG is restored afterwards so that monitoring
         (whose loaders draw worker seeds) never changes the training run."""
         results = {}
         devices = [self.device] if self.device.type == "cuda" else []
         if self.accelerator.is_main_process:
             for monitor in self.monitors:
                 with torch.random.fork_rng(devices=devices):
-                    value = monitor(self.target_encoder, self.device, self.accelerator.autocast)
+                    value = monitor(self.monitor_encoder, self.device, self.accelerator.autocast)
                 results[f"{monitor.name}@{self.state.step}"] = value
                 self.accelerator.log({f"monitor/{monitor.name}": value}, step=self.state.step)
                 self._print(f"step {self.state.step}: {monitor.name} = {value:.4f}")
@@ -233,7 +237,7 @@ class Trainer:
         return results
 
     def save(self) -> Path:
-        return save_checkpoint(self.accelerator, self.output_dir, self.state.step, self.target_encoder,
+        return save_checkpoint(self.accelerator, self.output_dir, self.state.step, self.teachers,
                                self._train_state(), self.cfg, keep=self.cfg.trainer.keep_checkpoints)
 
     # ---------------------------------------------------------------- the loop
@@ -247,22 +251,22 @@ class Trainer:
         batches = self._batches()
         bar = tqdm(total=cfg.max_steps, initial=self.state.step, disable=not (cfg.progress_bar and
                    self.accelerator.is_main_process), desc="train", dynamic_ncols=True)
-        sums, window_steps, window_start = {}, 0, time.perf_counter()
+        sums, window_steps, window_samples, window_start = {}, 0, 0, time.perf_counter()
         self.model.train()
         while self.state.step < cfg.max_steps:
-            self._train_step(batches, sums)
+            window_samples += self._train_step(batches, sums)
             window_steps += 1
             bar.update(1)
             last = self.state.step == cfg.max_steps
             checkpoint_due = cfg.checkpoint_every and self.state.step % cfg.checkpoint_every == 0
             if self.state.step % cfg.log_every == 0 or last or checkpoint_due:
-                logs = self._log(sums, window_steps, time.perf_counter() - window_start)
-                bar.set_postfix(loss=f"{logs['train/loss']:.4f}", img_s=f"{logs['train/img_per_s']:.0f}")
+                logs = self._log(sums, window_steps, window_samples, time.perf_counter() - window_start)
+                bar.set_postfix(loss=f"{logs['train/loss']:.4f}", samples_s=f"{logs['train/samples_per_s']:.0f}")
                 if not cfg.progress_bar:
                     memory = f"  peak {logs['train/peak_mem_gib']:.2f} GiB" if "train/peak_mem_gib" in logs else ""
                     self._print(f"step {self.state.step}: loss {logs['train/loss']:.4f}  lr {logs['train/lr']:.2e}  "
-                                f"img/s {logs['train/img_per_s']:.0f}{memory}")
-                sums, window_steps, window_start = {}, 0, time.perf_counter()
+                                f"samples/s {logs['train/samples_per_s']:.0f}{memory}")
+                sums, window_steps, window_samples, window_start = {}, 0, 0, time.perf_counter()
             monitor_due = self.cfg.monitor.knn_every and self.state.step % self.cfg.monitor.knn_every == 0
             if self.monitors and (monitor_due or last):
                 self.run_monitors()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from encoders.pos_embed import sincos_2d
+from encoders.pos_embed import sincos_table
 from encoders.vit import gather_tokens, init_vit_weights
 
 from .backbones import build_backbone
@@ -13,7 +13,7 @@ from .backbones import build_backbone
 
 class JEPAPredictor(nn.Module):
     """forward(context (B, Nc, D), context_idx (B, Nc), context_pad (B, Nc) | None, target_idx (B, n, Nt),
-    grid_size (H, W)) -> predictions (B, n, Nt, D).
+    grid_size (H, W) or (T, H, W)) -> predictions (B, n, Nt, D); indices are flat positions on that token grid.
 
     Each of the ``n`` target blocks is predicted in its own sequence ``[context, mask tokens of the block]``
     (batch B*n), as in I-JEPA; padding context tokens are masked out of attention / state.
@@ -37,10 +37,8 @@ class JEPAPredictor(nn.Module):
         nn.init.trunc_normal_(self.mask_token, std=0.02)
 
     def pos_table(self, grid_size: tuple[int, ...], device, dtype) -> torch.Tensor:
-        """(1, prod(grid), pred_dim) fixed sin-cos positions."""
-        if len(grid_size) != 2:
-            raise ValueError(f"JEPAPredictor handles 2-D token grids, got grid {grid_size}")
-        return sincos_2d(self.pred_dim, *grid_size).to(device=device, dtype=dtype).unsqueeze(0)
+        """(1, prod(grid), pred_dim) fixed sin-cos positions (any grid rank)."""
+        return sincos_table(self.pred_dim, grid_size, device, dtype).unsqueeze(0)
 
     def forward(self, context, context_idx, context_pad, target_idx, grid_size):
         batch, num_targets, target_len = target_idx.shape

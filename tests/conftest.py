@@ -13,7 +13,7 @@ IMAGENETTE = REPO.parent / "shared" / "data" / "imagenette"
 
 TINY = [
     "model.encoder=vit_tiny", "model.depth=2", "model.embed_dim=64", "model.num_heads=2", "model.patch_size=8",
-    "model.img_size=32", "data.img_size=32", "predictor.depth=1", "predictor.dim=32", "predictor.num_heads=2",
+    "data.img_size=32", "predictor.depth=1", "predictor.dim=32", "predictor.num_heads=2",
     "masks.min_keep=2", "data.batch_size=8", "data.num_workers=0", "optim.warmup_steps=2", "trainer.log_every=1",
     "trainer.progress_bar=false", "monitor.bank_per_class=4", "monitor.query_per_class=2", "monitor.batch_size=32",
 ]

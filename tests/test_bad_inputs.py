@@ -59,8 +59,8 @@ def test_corrupt_jpeg_is_skipped_counted_and_logged(tiny_data, caplog):
     dataset = ImageFolderDataset(tiny_data, "train", eval_transform(32), on_corrupt="skip")
     collate = MaskCollator(MultiBlockMaskSampler((4, 4), min_keep=2), seed=0)
     batch = collate([dataset[(i, 0, 0)] for i in range(len(dataset))])
-    assert batch["skipped"].item() == 1
-    assert batch["images"].shape[0] == len(dataset) - 1 == batch["context_idx"].shape[0]
+    assert batch.skipped.item() == 1
+    assert batch.pixels.shape[0] == len(dataset) - 1 == batch.masks[0].context_idx.shape[0]
     assert "broken.JPEG" in caplog.text
 
 

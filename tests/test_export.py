@@ -5,7 +5,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from jepa.export import (ExportError, cnn_tokens_from_timm, export_encoder, load_checkpoint_encoder, load_export)
+from jepa.export import ExportError, cnn_tokens_from_timm, export_encoder, load_export
+from jepa.reader import EncoderReadError, load_checkpoint_encoder
 
 from eval_helpers import make_checkpoint
 
@@ -32,9 +33,9 @@ def test_checkpoint_loading_picks_newest_and_which(vit_run):
     assert torch.equal(target.state_dict()["blocks.0.attn.qkv.weight"], want["blocks.0.attn.qkv.weight"])
     online = load_file(str(ckpt / "model.safetensors"))
     assert torch.equal(context.state_dict()["norm.weight"], online["context_encoder.norm.weight"])
-    with pytest.raises(ExportError, match="does not exist"):
+    with pytest.raises(EncoderReadError, match="does not exist"):
         load_checkpoint_encoder(vit_run / "nope")
-    with pytest.raises(ExportError, match="--which 'ema'"):
+    with pytest.raises(EncoderReadError, match="--which 'ema'"):
         load_checkpoint_encoder(vit_run, "ema")
 
 
@@ -109,7 +110,7 @@ def test_cnn_export_to_timm(tmp_path):
     import timm
 
     run = tmp_path / "cnn_run"
-    make_checkpoint(run, "model.encoder=cnn:resnet10t", "data.img_size=64", "model.img_size=64", seed=7)
+    make_checkpoint(run, "model.encoder=cnn:resnet10t", "data.img_size=64", seed=7)
     out = export_encoder(run, "timm", tmp_path / "cnn_timm")
     encoder, _, _ = load_checkpoint_encoder(run)
     x = images(2, 64, seed=2)

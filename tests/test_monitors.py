@@ -14,10 +14,10 @@ def test_collapse_monitor_warns_on_std_and_rank_drop():
     torch.manual_seed(0)
     monitor = CollapseMonitor()
     healthy = torch.randn(512, 32)
-    _, warnings = monitor.update(healthy, healthy)
+    _, warnings = monitor.update({"pred": healthy, "target": healthy})
     assert warnings == []
     collapsed = torch.randn(512, 1) @ torch.randn(1, 32) * 0.01
-    stats, warnings = monitor.update(collapsed, healthy)
+    stats, warnings = monitor.update({"pred": collapsed, "target": healthy})
     assert stats["collapse/pred_rank"] < 2
     assert any("collapse/pred_std" in w for w in warnings)
     assert any("collapse/pred_rank" in w for w in warnings)

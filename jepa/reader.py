@@ -1,0 +1,88 @@
+"""The one checkpoint reader of evaluation and export: a training checkpoint's encoder, found through its method.
+
+    encoder, cfg, ckpt = load_checkpoint_encoder("outputs/run", which="target")
+
+The config saved in the checkpoint names the method; the method's spec (``jepa.methods``) says where each encoder
+lives (``teacher:<name>`` -> ``<name>.safetensors``, ``model:<prefix>`` -> the ``<prefix>.*`` keys of
+``model.safetensors``) and rebuilds its architecture from the config.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file
+
+from .checkpoint import MODEL_FILE, find_checkpoint, is_checkpoint_dir, teacher_file
+from .config import load_config
+from .methods import get_method
+
+
+class EncoderReadError(ValueError):
+    """A checkpoint (or export) is missing, incomplete, or does not hold the asked encoder; names the path."""
+
+
+def is_checkpoint_path(path: str | Path) -> bool:
+    """A checkpoint folder or a training output folder holding one."""
+    path = Path(path)
+    return path.is_dir() and find_checkpoint(path) is not None
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder itself, or the newest ``checkpoint-<step>`` inside a training output folder."""
+    path = Path(path)
+    if not path.exists():
+        raise EncoderReadError(f"checkpoint path '{path}' does not exist (expected a training output folder or a "
+                               f"checkpoint-<step> folder)")
+    found = find_checkpoint(path)
+    if found is None:
+        raise EncoderReadError(f"'{path}' holds no checkpoint (expected checkpoint-<step>/ folders with "
+                               f"train_state.json and config.yaml, or such a folder itself)")
+    return found
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise EncoderReadError(f"missing weights file '{path}'")
+    try:
+        return load_file(str(path))
+    except Exception as err:  # a torn or foreign file surfaces as several exception types
+        raise EncoderReadError(f"weights file '{path}' is corrupt or unreadable: {type(err).__name__}: {err}") from err
+
+
+def load_strict(module: nn.Module, state: dict, where: Path) -> None:
+    result = module.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise EncoderReadError(f"weights in '{where}' do not match the encoder of its config: missing "
+                               f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}")
+
+
+def encoder_state(ckpt: Path, location: str) -> dict[str, torch.Tensor]:
+    """The weights at a method's encoder location (``teacher:<name>`` or ``model:<prefix>``)."""
+    kind, _, name = location.partition(":")
+    if kind == "teacher":
+        return read_weights(ckpt / teacher_file(name))
+    online = read_weights(ckpt / MODEL_FILE)
+    prefix = f"{name}."
+    state = {k[len(prefix):]: v for k, v in online.items() if k.startswith(prefix)}
+    if not state:
+        raise EncoderReadError(f"'{ckpt / MODEL_FILE}' has no '{prefix}*' keys (found e.g. {sorted(online)[:3]})")
+    return state
+
+
+def load_checkpoint_encoder(path: str | Path, which: str | None = None) -> tuple[nn.Module, object, Path]:
+    """(encoder in eval mode, its training config, the checkpoint folder used); ``which`` names one of the method's
+    encoders (I-JEPA: ``target`` (EMA, the default) or ``context``)."""
+    ckpt = resolve_checkpoint(path)
+    cfg = load_config(ckpt / "config.yaml")
+    spec = get_method(cfg.method)
+    which = which or spec.default_encoder
+    if which not in spec.encoders:
+        raise EncoderReadError(f"--which '{which}' is not an encoder of method '{spec.name}' (expected one of "
+                               f"{list(spec.encoders)})")
+    encoder = spec.build_encoder(cfg)
+    load_strict(encoder, encoder_state(ckpt, spec.encoders[which]), ckpt)
+    return encoder.eval(), cfg, ckpt
+
+
