@@ -97,3 +97,23 @@ def test_rectangular_grid_and_bad_values():
         MultiBlockMaskSampler((4, 4), min_keep=17)
     with pytest.raises(ValueError, match="masks.min_keep"):  # impossible: targets cover everything
         MultiBlockMaskSampler((4, 4), min_keep=15, target_scale=(0.9, 1.0))(4, (0, 0, 0))
+
+
+def test_3d_grid_blocks_are_boxes_and_every_token_is_kept():
+    """(T, H, W) = (4, 6, 8): target blocks are t x h x w boxes (time fraction drawn from its range), context keeps
+    every sampled token, nothing overlaps, and the last frame / row / column are reachable."""
+    grid = (4, 6, 8)
+    sampler = MultiBlockMaskSampler(grid, min_keep=4, target_leading_scale=(0.5, 1.0))
+    reached = np.zeros(grid, dtype=bool)
+    for step in range(40):
+        mb = sampler(8, (0, 0, step))
+        ctx, tgt = dense(mb, grid=int(np.prod(grid)))
+        assert not (ctx & tgt).any()
+        assert torch.equal(mb.context_lengths, ctx.sum(1))  # every sampled context token is in the index list
+        for block in mb.target_idx.reshape(-1, mb.target_idx.shape[-1]).numpy():
+            t, r, c = np.unravel_index(block, grid)
+            size = (t.max() - t.min() + 1) * (r.max() - r.min() + 1) * (c.max() - c.min() + 1)
+            assert size == len(block) == len(set(block.tolist()))  # a full box
+            assert 2 <= t.max() - t.min() + 1 <= 4
+            reached[t, r, c] = True
+    assert reached[-1].any() and reached[:, -1].any() and reached[:, :, -1].any()
