@@ -57,7 +57,7 @@ def main() -> None:
         elapsed = time.time() - start
         text = (out / f"{name}.log").read_text()
         knn = re.findall(r"step (\d+): knn = ([0-9.]+)", text)
-        speed = re.findall(r"img/s (\d+)", text)
+        speed = re.findall(r"samples/s (\d+)", text)
         rows.append((name, overrides, " ".join(f"{s}:{v}" for s, v in knn), speed[-1] if speed else "-",
                      f"{elapsed:.0f}", proc.returncode))
     print("| variant | overrides | kNN by step | img/s | wall s | rc |")

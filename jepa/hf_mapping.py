@@ -25,32 +25,32 @@ def name_pairs(depth: int) -> list[tuple[str, str]]:
     return pairs
 
 
+def _rename(state: dict[str, torch.Tensor], pairs: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
+    """``{new.weight/bias: state[old.weight/bias]}`` for every (old, new) module prefix present in ``state``."""
+    return {f"{new}.{kind}": state[f"{old}.{kind}"] for old, new in pairs for kind in ("weight", "bias")
+            if f"{old}.{kind}" in state}
+
+
+def _qkv_names(depth: int, kind: str):
+    return [(f"blocks.{i}.{QKV}.{kind}", [f"encoder.layer.{i}.attention.attention.{part}.{kind}" for part in QKV_PARTS])
+            for i in range(depth)]
+
+
 def to_hf(state: dict[str, torch.Tensor], depth: int, positions: torch.Tensor) -> dict[str, torch.Tensor]:
     """Our ViT state dict -> IJepaModel keys; ``positions`` (1, N, D) is written as the position table."""
-    out = {POSITIONS: positions}
-    for ours, hf in name_pairs(depth):
-        for kind in ("weight", "bias"):
-            if f"{ours}.{kind}" in state:
-                out[f"{hf}.{kind}"] = state[f"{ours}.{kind}"]
-    for i in range(depth):
-        for kind in ("weight", "bias"):
-            fused = state.get(f"blocks.{i}.{QKV}.{kind}")
-            if fused is not None:
-                for part, rows in zip(QKV_PARTS, fused.chunk(3, dim=0)):
-                    out[f"encoder.layer.{i}.attention.attention.{part}.{kind}"] = rows
+    out = {POSITIONS: positions, **_rename(state, name_pairs(depth))}
+    for kind in ("weight", "bias"):
+        for fused, parts in _qkv_names(depth, kind):
+            if fused in state:
+                out.update(zip(parts, state[fused].chunk(3, dim=0)))
     return {k: v.contiguous() for k, v in out.items()}
 
 
 def from_hf(hf: dict[str, torch.Tensor], depth: int) -> dict[str, torch.Tensor]:
     """The inverse of ``to_hf`` (the position table is dropped: ours is computed)."""
-    out = {}
-    for ours, name in name_pairs(depth):
-        for kind in ("weight", "bias"):
-            if f"{name}.{kind}" in hf:
-                out[f"{ours}.{kind}"] = hf[f"{name}.{kind}"]
-    for i in range(depth):
-        for kind in ("weight", "bias"):
-            parts = [hf.get(f"encoder.layer.{i}.attention.attention.{part}.{kind}") for part in QKV_PARTS]
-            if parts[0] is not None:
-                out[f"blocks.{i}.{QKV}.{kind}"] = torch.cat(parts, 0)
+    out = _rename(hf, [(theirs, ours) for ours, theirs in name_pairs(depth)])
+    for kind in ("weight", "bias"):
+        for fused, parts in _qkv_names(depth, kind):
+            if parts[0] in hf:
+                out[fused] = torch.cat([hf[part] for part in parts], 0)
     return out
