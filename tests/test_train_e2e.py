@@ -52,6 +52,7 @@ def test_loss_falls_on_real_images(imagenette_small, tmp_path, capsys):
     assert "resolved config:" in out
 
 
+@pytest.mark.slow
 def test_exact_resume_in_a_new_process(imagenette_small, tmp_path):
     common = ("trainer.checkpoint_every=3", "optim.schedule_steps=6", "model.drop_path=0.1", "data.num_workers=1",
               "monitor.knn_every=0")
@@ -115,6 +116,7 @@ def run_ddp(root, out, *overrides):
     return done.stdout
 
 
+@pytest.mark.slow
 def test_two_process_ddp_resume_is_exact(imagenette_small, tmp_path):
     common = ("trainer.checkpoint_every=2", "optim.schedule_steps=4", "model.drop_path=0.1", "data.num_workers=0",
               "monitor.knn_every=0", "data.batch_size=4")
