@@ -5,16 +5,21 @@ import torch
 import torch.nn.functional as F
 
 
-def latent_loss(pred: torch.Tensor, target: torch.Tensor, kind: str = "smooth_l1") -> torch.Tensor:
-    """Mean over every element of (…, D) predictions vs targets; computed in fp32."""
+_LOSSES = {"smooth_l1": F.smooth_l1_loss, "l1": F.l1_loss, "l2": F.mse_loss}  # smooth_l1: official I-JEPA (beta 1)
+
+
+def latent_loss(pred: torch.Tensor, target: torch.Tensor, kind: str = "smooth_l1",
+                padding: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over every element of (…, D) predictions vs targets, computed in fp32; ``padding`` (…) bool, True at
+    padded tokens, excludes them (the mean is over real tokens only)."""
+    if kind not in _LOSSES:
+        raise ValueError(f"loss.kind '{kind}' is unknown (expected smooth_l1, l1 or l2)")
     pred, target = pred.float(), target.float()
-    if kind == "smooth_l1":  # the official I-JEPA loss (beta = 1)
-        return F.smooth_l1_loss(pred, target)
-    if kind == "l1":
-        return F.l1_loss(pred, target)
-    if kind == "l2":
-        return F.mse_loss(pred, target)
-    raise ValueError(f"loss.kind '{kind}' is unknown (expected smooth_l1, l1 or l2)")
+    if padding is None:
+        return _LOSSES[kind](pred, target)
+    keep = (~padding).unsqueeze(-1).float()
+    per_element = _LOSSES[kind](pred, target, reduction="none")
+    return (per_element * keep).sum() / (keep.sum() * pred.shape[-1]).clamp_min(1)
 
 
 def variance_covariance(embeddings: torch.Tensor, eps: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor]:

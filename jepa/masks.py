@@ -29,12 +29,15 @@ class MaskBatch:
 
     context_idx: (B, Nc) long, ascending raster order; padding entries hold 0.
     context_pad: (B, Nc) bool, True at padding (all False in ``truncate`` mode).
-    target_idx:  (B, num_targets, Nt) long, ascending raster order within each block.
+    target_idx:  (B, num_targets, Nt) long, ascending raster order within each block; with ``target_union`` one
+                 set (B, 1, Nt): the union of the blocks (V-JEPA), whose ragged lengths are padded as the context's.
+    target_pad:  (B, num_targets, Nt) bool, True at padding, or None (every target block has the same size).
     """
 
     context_idx: torch.Tensor
     context_pad: torch.Tensor
     target_idx: torch.Tensor
+    target_pad: torch.Tensor | None = None
 
     @property
     def context_lengths(self) -> torch.Tensor:
@@ -83,7 +86,9 @@ class MultiBlockMaskSampler:
     """Multi-block sampler for a token grid of any rank: (H, W) images, (T, H, W) video.
 
     sampler(batch_size, seed_key) -> MaskBatch; ``seed_key`` is a tuple of ints, e.g. (seed, epoch, batch).
-    ``leading_scale``: the fraction of each leading (time) axis a block spans (rank >= 3 grids only).
+    ``*_leading_scale``: the fraction of each leading (time) axis a block spans (rank >= 3 grids only).
+    ``target_union``: the targets are the union of the ``num_targets`` blocks, one set per sample (V-JEPA), instead
+    of one set per block (I-JEPA).
     """
 
     def __init__(
@@ -101,6 +106,7 @@ class MultiBlockMaskSampler:
         max_tries: int = 50,
         target_leading_scale=(1.0, 1.0),
         context_leading_scale=(1.0, 1.0),
+        target_union: bool = False,
     ):
         if equalize not in ("pad", "truncate"):
             raise ValueError(f"masks.equalize '{equalize}' is unknown (expected 'pad' or 'truncate')")
@@ -116,6 +122,7 @@ class MultiBlockMaskSampler:
         self.context_scale, self.context_aspect = tuple(context_scale), tuple(context_aspect)
         self.target_leading_scale, self.context_leading_scale = tuple(target_leading_scale), tuple(context_leading_scale)
         self.min_keep = min_keep
+        self.target_union = target_union
         self.equalize = equalize
         self.reachable_edges = reachable_edges
         self.max_tries = max_tries
@@ -149,21 +156,33 @@ class MultiBlockMaskSampler:
                                 math.prod(target_block))
 
     def _to_indices(self, context: np.ndarray, targets: np.ndarray, target_len: int) -> MaskBatch:
+        """context (B, N) bool, targets (B, n, N) bool -> indices (the union of the blocks when ``target_union``)."""
         batch_size = context.shape[0]
-        counts = context.sum(1)
-        order = np.argsort(~context, axis=1, kind="stable")  # kept positions first, ascending
-        if self.equalize == "truncate":
-            length = int(counts.min())
-            context_idx = order[:, :length]
-            context_pad = np.zeros((batch_size, length), dtype=bool)
+        context_idx, context_pad = ragged_indices(context, self.equalize)
+        if self.target_union:
+            target_idx, target_pad = ragged_indices(targets.any(1), self.equalize)
+            target_idx, target_pad = target_idx[:, None], target_pad[:, None]
         else:
-            length = int(counts.max())
-            context_pad = np.arange(length)[None, :] >= counts[:, None]
-            context_idx = np.where(context_pad, 0, order[:, :length])
-        target_idx = np.nonzero(targets.reshape(-1, targets.shape[-1]))[1].reshape(batch_size, self.num_targets,
-                                                                                   target_len)
+            target_idx = np.nonzero(targets.reshape(-1, targets.shape[-1]))[1].reshape(batch_size, self.num_targets,
+                                                                                       target_len)
+            target_pad = None
+        as_tensor = lambda a: torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731
         return MaskBatch(
-            context_idx=torch.from_numpy(np.ascontiguousarray(context_idx)).long(),
-            context_pad=torch.from_numpy(np.ascontiguousarray(context_pad)),
-            target_idx=torch.from_numpy(np.ascontiguousarray(target_idx)).long(),
+            context_idx=as_tensor(context_idx).long(),
+            context_pad=as_tensor(context_pad),
+            target_idx=as_tensor(target_idx).long(),
+            target_pad=None if target_pad is None else as_tensor(target_pad),
         )
+
+
+def ragged_indices(rows: np.ndarray, equalize: str) -> tuple[np.ndarray, np.ndarray]:
+    """(R, N) bool -> (indices (R, L) ascending, padding (R, L) bool). ``pad``: L = the longest row, padding
+    entries hold index 0; ``truncate``: L = the shortest row, every row cut to its first L (the official cut)."""
+    counts = rows.sum(1)
+    order = np.argsort(~rows, axis=1, kind="stable")  # kept positions first, ascending
+    if equalize == "truncate":
+        length = int(counts.min())
+        return order[:, :length], np.zeros((rows.shape[0], length), dtype=bool)
+    length = int(counts.max())
+    pad = np.arange(length)[None, :] >= counts[:, None]
+    return np.where(pad, 0, order[:, :length]), pad

@@ -40,7 +40,9 @@ class JEPAPredictor(nn.Module):
         """(1, prod(grid), pred_dim) fixed sin-cos positions (any grid rank)."""
         return sincos_table(self.pred_dim, grid_size, device, dtype).unsqueeze(0)
 
-    def forward(self, context, context_idx, context_pad, target_idx, grid_size):
+    def forward(self, context, context_idx, context_pad, target_idx, grid_size, target_pad=None):
+        """``target_pad`` (B, n, Nt) bool | None: padding among ragged target sets (V-JEPA's block unions); padded
+        queries attend like real ones but no real token attends to them; their outputs are meaningless."""
         batch, num_targets, target_len = target_idx.shape
         ctx = self.embed(context)
         table = self.pos_table(grid_size, ctx.device, ctx.dtype).expand(batch, -1, -1)
@@ -54,9 +56,13 @@ class JEPAPredictor(nn.Module):
         x = torch.cat([ctx, queries], dim=1)
         pos = torch.cat([context_idx.repeat_interleave(num_targets, 0), target_idx.reshape(-1, target_len)], 1)
         pad = None
-        if context_pad is not None:
+        if context_pad is not None or target_pad is not None:
+            if context_pad is None:
+                context_pad = torch.zeros_like(context_idx, dtype=torch.bool)
+            if target_pad is None:
+                target_pad = torch.zeros_like(target_idx, dtype=torch.bool)
             pad = torch.cat([context_pad.repeat_interleave(num_targets, 0),
-                             context_pad.new_zeros(batch * num_targets, target_len)], dim=1)
+                             target_pad.reshape(batch * num_targets, target_len)], dim=1)
         x = self.backbone(x, pos, pad)
         out = self.proj(self.norm(x[:, -target_len:]))
         return out.reshape(batch, num_targets, target_len, -1)

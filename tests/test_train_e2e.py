@@ -68,9 +68,10 @@ def test_exact_resume_in_a_new_process(imagenette_small, tmp_path):
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(imagenette_small, tmp_path, monkeypatch):
     run_train(imagenette_small, tmp_path, "trainer.max_steps=2")
     good = weights(tmp_path / "checkpoint-00000002")
-    import jepa.methods.ijepa
+    import jepa.methods.latent_prediction
 
-    monkeypatch.setattr(jepa.methods.ijepa, "latent_loss", lambda pred, target, kind: pred.sum() * float("nan"))
+    monkeypatch.setattr(jepa.methods.latent_prediction, "latent_loss",
+                        lambda pred, target, kind, padding=None: pred.sum() * float("nan"))
     with pytest.raises(FloatingPointError, match="loss became nan before step 3"):
         run_train(imagenette_small, tmp_path, "trainer.max_steps=6")
     assert [p.name for p in checkpoint_dirs(tmp_path)] == ["checkpoint-00000002"]
