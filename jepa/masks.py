@@ -3,7 +3,8 @@
 One call draws, for a batch of B images on an (H, W) token grid (or clips on a (T, H, W) grid):
 - ``num_targets`` target blocks per image. As in I-JEPA, the block *size* (scale, aspect) is drawn once per
   batch, so every target block holds exactly ``h * w`` tokens and the targets stack to (B, num_targets, h*w).
-- ``num_context`` context blocks per image (their union), minus every target token of that image.
+- ``num_context`` context blocks per image (their union), minus every target token of that image; with
+  ``num_context=0`` the context is every token outside the targets (V-JEPA).
 
 Differences from the official sampler, on purpose:
 - Blocks may span the full grid and their top-left corner is drawn from ``[0, H - h]`` *inclusive*, so the
@@ -132,10 +133,12 @@ class MultiBlockMaskSampler:
         grid, edges = self.grid, self.reachable_edges
         target_block = block_shape(rng, grid, self.target_scale, self.target_aspect, self.target_leading_scale, edges)
         context_block = block_shape(rng, grid, self.context_scale, self.context_aspect, self.context_leading_scale,
-                                    edges)
+                                    edges) if self.num_context else None
 
         def draw(k: int):
             targets = block_masks(rng, (k, self.num_targets), target_block, grid, edges)  # (k, n, *grid)
+            if context_block is None:  # the context is the whole grid minus the targets (V-JEPA)
+                return targets, ~targets.any(1)
             context = block_masks(rng, (k, self.num_context), context_block, grid, edges).any(1) & ~targets.any(1)
             return targets, context
 
