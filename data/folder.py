@@ -1,4 +1,4 @@
-"""ImageNet-style folder dataset: ``<root>/<split>/<class>/<image>``.
+"""ImageNet-style folder dataset: ``<root>/<split>/<class>/<image>``, a ``data.labelled.LabelledSource``.
 
 A corrupt or unreadable image is skipped (counted, logged) or raises, by ``on_corrupt``; the collator drops
 skipped samples and reports how many it dropped.
@@ -12,6 +12,8 @@ from typing import Callable
 import torch
 from PIL import Image, UnidentifiedImageError
 from torchvision.io import ImageReadMode, decode_image, read_file
+
+from .labelled import LabelledSource
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +63,7 @@ def load_rgb_uint8(path: Path) -> torch.Tensor:
         raise CorruptImageError(f"corrupt or unreadable image '{path}': {err}") from err
 
 
-class ImageFolderDataset(torch.utils.data.Dataset):
+class ImageFolderDataset(LabelledSource):
     """Items are dicts ``{'image': (3, H, W) float | None (skipped), 'label': int, 'index': int}``, plus
     ``'epoch'``/``'batch'`` when indexed by a sampler key.
 
@@ -83,13 +85,6 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         if decode not in ("pil", "tensor"):
             raise ValueError(f"decode '{decode}' is unknown (expected 'pil' or 'tensor')")
         self.load = load_rgb if decode == "pil" else load_rgb_uint8
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    @property
-    def labels(self) -> list[int]:
-        return [label for _, label in self.samples]
 
     def __getitem__(self, key):
         index, epoch, batch = (key, None, None) if isinstance(key, int) else key
