@@ -5,9 +5,10 @@ Triton op vs SDPA flash attention, and whole backbone layers at matched paramete
 
 Order: correctness (op vs float64 reference with and without right-to-left heads, ours vs official, whole block
 CUDA vs CPU reference per bidirectional mode), launch-setting tuning of the fused op (``tune``: scan settings,
-backward walk in one or two launches, rotation-pass settings; the fastest becomes the default for the rest of the
-run), the number of sequence blocks (``blocks``), torch.profiler tables of the op (``profile``), layers (with
-profiles of both blocks at L = 8K), ops (with the host time to issue one step), and the scan-only sweep.
+backward walk in one or two launches, rotation-pass settings; the fastest ``ScanSettings`` and chunk size are
+carried into the rest of the run), the number of sequence blocks (``blocks``), torch.profiler tables of the op
+(``profile``), layers (with profiles of both blocks at L = 8K), ops (with the host time to issue one step), and the
+scan-only sweep.
 
 Op setting: 64K tokens per step (batch = 65536 / L), 24 heads × headdim 64, d_state 128, bf16, one group of B/C.
 "ours" = our chunk-parallel Triton op (the same function as the official op: per-group B/C, per-head bias,
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -29,11 +31,12 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kernels.mamba3_scan import mamba3_scan  # noqa: E402
+from kernels.mamba3_scan import ScanSettings, mamba3_scan  # noqa: E402
 from kernels.mamba3_scan_ref import cumulative_angles, rotate_pairs, scan_fused_ref  # noqa: E402
 
 HEADS, HEADDIM, STATE, ANGLES = 24, 64, 128, 32
 TOKENS = 65536
+CHUNK = 32  # chunk size of our op until ``tune`` picks one
 
 
 def bench_ms(fn, warmup=3, rep=10) -> float:
@@ -174,7 +177,7 @@ def op_cost(length, batch, chunk=32):
     return flops, bytes_
 
 
-def time_ops(lengths, combined, peaks, sweep):
+def time_ops(lengths, combined, peaks, sweep, chunk: int, settings: ScanSettings):
     print("\n## op fwd+bwd, 64K tokens/step, 24 heads x 64, d_state 128, bf16 (ms; median of 10)")
     header = (f"{'L':>6} {'batch':>5} {'ours':>8} {'ours inline':>11} {'ours scan':>9} {'official':>9} "
               f"{'sdpa flash':>10} {'roofline':>8}")
@@ -195,8 +198,10 @@ def time_ops(lengths, combined, peaks, sweep):
 
             torch.cuda.synchronize()
             issue = []
-            for fn in ((lambda i: ours(i, chunk_size=CHUNK)),) + ((lambda i: official(i, combined)),) * (
-                    combined is not None):
+            fns = [lambda i: ours(i, chunk_size=chunk, settings=settings)]
+            if combined is not None:
+                fns.append(lambda i: official(i, combined))
+            for fn in fns:
                 run(fn)
                 torch.cuda.synchronize()
                 start = time.perf_counter()
@@ -205,13 +210,14 @@ def time_ops(lengths, combined, peaks, sweep):
                 torch.cuda.synchronize()
             print(f"host time to issue one fwd+bwd at L={length} (ms): ours {issue[0]:.2f}"
                   + (f", official {issue[1]:.2f}" if len(issue) > 1 else ""))
-        t_ours = bench_ms(lambda: run(lambda i: ours(i, chunk_size=CHUNK)))
-        t_inline = bench_ms(lambda: run(lambda i: ours(i, chunk_size=CHUNK, inline_rotation=True)))
+        t_ours = bench_ms(lambda: run(lambda i: ours(i, chunk_size=chunk, settings=settings)))
+        inline = replace(settings, inline_rotation=True)
+        t_inline = bench_ms(lambda: run(lambda i: ours(i, chunk_size=chunk, settings=inline)))
         angle = cumulative_angles(inp["dt"], inp["theta"])
         pre = dict(x=inp["x"], dt=inp["dt"], A=inp["A"], lam=torch.sigmoid(inp["trap"].float()),
                    Bm=rotate_pairs(inp["B"].float() + inp["B_bias"], angle).bfloat16(),
                    Cm=rotate_pairs(inp["C"].float() + inp["C_bias"], angle).bfloat16(), D=inp["D"])
-        t_scan = bench_ms(lambda: run_scan(pre, dy, chunk_size=CHUNK))
+        t_scan = bench_ms(lambda: run_scan(pre, dy, chunk_size=chunk, settings=settings))
         t_official = bench_ms(lambda: run(lambda i: official(i, combined))) if combined is not None else float("nan")
         q, k, v = (torch.randn(batch, HEADS, length, HEADDIM, device="cuda", dtype=torch.bfloat16, requires_grad=True)
                    for _ in range(3))
@@ -232,30 +238,25 @@ def time_ops(lengths, combined, peaks, sweep):
                    Bm=rotate_pairs(inp["B"].float() + inp["B_bias"], angle).bfloat16(),
                    Cm=rotate_pairs(inp["C"].float() + inp["C_bias"], angle).bfloat16(), D=inp["D"])
         dy = torch.randn(1, TOKENS, HEADS, HEADDIM, device="cuda", dtype=torch.bfloat16)
-        for chunk, programs, warps, bwd_warps in ((64, 2048, 4, 8), (32, 1024, 4, 8), (32, 4096, 4, 8),
-                                                  (32, 2048, 4, 4), (32, 2048, 2, 4), (16, 2048, 2, 4)):
+        for size, programs, warps, bwd_warps in ((64, 2048, 4, 8), (32, 1024, 4, 8), (32, 4096, 4, 8),
+                                                 (32, 2048, 4, 4), (32, 2048, 2, 4), (16, 2048, 2, 4)):
+            candidate = replace(settings, target_programs=programs, num_warps=warps, bwd_num_warps=bwd_warps)
             try:
-                ms = bench_ms(lambda: run_scan(pre, dy, chunk_size=chunk, target_programs=programs, num_warps=warps,
-                                               bwd_num_warps=bwd_warps))
-                print(f"chunk {chunk:4d} programs {programs:5d} warps fwd {warps} bwd {bwd_warps}: {ms:7.2f}",
+                ms = bench_ms(lambda: run_scan(pre, dy, chunk_size=size, settings=candidate))
+                print(f"chunk {size:4d} programs {programs:5d} warps fwd {warps} bwd {bwd_warps}: {ms:7.2f}",
                       flush=True)
             except Exception as error:  # a config the compiler cannot fit (shared memory) is reported, not fatal
-                print(f"chunk {chunk:4d} programs {programs:5d} warps {warps}/{bwd_warps}: failed "
+                print(f"chunk {size:4d} programs {programs:5d} warps {warps}/{bwd_warps}: failed "
                       f"({type(error).__name__})")
     return rows
 
 
-CHUNK = 32  # chunk size of our op in the timings below; ``tune`` may change it
-
-
-def tune_fused():
+def tune_fused(settings: ScanSettings) -> tuple[int, ScanSettings]:
     """Launch settings of the fused op: chunk size, programs, warps (forward / backward kernels) and pipelining
-    stages of the scan, then warps and stages of the rotation passes, timed at L = 1K (batch 64) and at the split
-    layer's shape (L = 8K, batch 8, 12 of 24 heads right to left). The fastest at the sum of both becomes the default
-    (``LAUNCH_DEFAULTS``, ``ROTATION_LAUNCH``, ``CHUNK``) for what follows."""
-    global CHUNK
-    import kernels.mamba3_scan as scan_module
-
+    stages of the scan, then the backward walk in one or two launches, then warps and stages of the rotation passes,
+    timed at L = 1K (batch 64) and at the split layer's shape (L = 8K, batch 8, 12 of 24 heads right to left). Each
+    step keeps the fastest at the sum of both; -> (chunk size, ``settings`` with the fastest values) for what
+    follows."""
     shapes = [(1024, 64, 0), (8192, 8, HEADS // 2)]
     data = []
     for length, batch, rev in shapes:
@@ -263,11 +264,11 @@ def tune_fused():
         data.append((inp, torch.randn(batch, length, HEADS, HEADDIM, device="cuda", dtype=torch.bfloat16), rev))
     grads = ["x", "B", "C", "dt", "theta", "A", "trap"]
 
-    def time_both(chunk, label):
+    def time_both(chunk, candidate, label):
         times = []
         for inp, dy, rev in data:
             def run():
-                ours(with_grad(inp, grads), chunk_size=chunk, reversed_heads=rev).backward(dy)
+                ours(with_grad(inp, grads), chunk_size=chunk, reversed_heads=rev, settings=candidate).backward(dy)
             try:
                 times.append(bench_ms(run))
             except Exception as error:  # e.g. out of shared memory: reported, not fatal
@@ -277,38 +278,31 @@ def tune_fused():
         return sum(times)
 
     print("\n## fused op launch settings (ms, fwd+bwd): L=1K batch 64 | L=8K batch 8 with 12 heads right to left")
-    best = None
-    for chunk, programs, warps, bwd_warps, stages in ((32, 1536, 4, 4, 2), (32, 1536, 4, 8, 2), (16, 1536, 4, 4, 2),
-                                                      (32, 1536, 4, 4, 3)):
-        launch = dict(target_programs=programs, num_warps=warps, bwd_num_warps=bwd_warps, num_stages=stages)
-        scan_module.LAUNCH_DEFAULTS.update(launch)
-        total = time_both(chunk, f"scan: chunk {chunk:3d} programs {programs:5d} warps {warps}/{bwd_warps} "
-                                 f"stages {stages}")
-        if total is not None and (best is None or total < best[0]):
-            best = (total, chunk, launch)
-    CHUNK = best[1]
-    scan_module.LAUNCH_DEFAULTS.update(best[2])
-    walk = {}
-    for split in (False, True):
-        scan_module.SPLIT_DKDX = split
-        walk[split] = time_both(CHUNK, f"backward walk in {'two launches' if split else 'one launch'}")
-    scan_module.SPLIT_DKDX = min(walk, key=lambda k: float("inf") if walk[k] is None else walk[k])
-    best = None
-    for warps, bwd_warps, stages in ((4, 4, 1), (4, 4, 2), (4, 8, 2), (4, 8, 3), (8, 8, 2), (2, 4, 3)):
-        launch = dict(num_warps=warps, bwd_num_warps=bwd_warps, num_stages=stages)
-        scan_module.ROTATION_LAUNCH.update(launch)
-        total = time_both(CHUNK, f"rotation passes: warps {warps}/{bwd_warps} stages {stages}")
-        if total is not None and (best is None or total < best[0]):
-            best = (total, launch)
-    scan_module.ROTATION_LAUNCH.update(best[1])
-    print(f"default for the rest of the run: chunk {CHUNK}, {scan_module.LAUNCH_DEFAULTS}, rotation "
-          f"{scan_module.ROTATION_LAUNCH}, backward walk split: {scan_module.SPLIT_DKDX}")
+    def fastest(candidates):
+        """candidates: (chunk, settings, label) -> the (chunk, settings) of the fastest that ran."""
+        timed = [(time_both(chunk, candidate, label), chunk, candidate) for chunk, candidate, label in candidates]
+        return min((t for t in timed if t[0] is not None), key=lambda t: t[0])[1:]
+
+    chunk, settings = fastest(
+        (size, replace(settings, target_programs=programs, num_warps=warps, bwd_num_warps=bwd_warps,
+                       num_stages=stages),
+         f"scan: chunk {size:3d} programs {programs:5d} warps {warps}/{bwd_warps} stages {stages}")
+        for size, programs, warps, bwd_warps, stages in ((32, 1536, 4, 4, 2), (32, 1536, 4, 8, 2),
+                                                         (16, 1536, 4, 4, 2), (32, 1536, 4, 4, 3)))
+    chunk, settings = fastest(
+        (chunk, replace(settings, split_dkdx=split), f"backward walk in {'two launches' if split else 'one launch'}")
+        for split in (False, True))
+    chunk, settings = fastest(
+        (chunk, replace(settings, rotation_num_warps=warps, rotation_bwd_num_warps=bwd_warps,
+                        rotation_num_stages=stages), f"rotation passes: warps {warps}/{bwd_warps} stages {stages}")
+        for warps, bwd_warps, stages in ((4, 4, 1), (4, 4, 2), (4, 8, 2), (4, 8, 3), (8, 8, 2), (2, 4, 3)))
+    print(f"for the rest of the run: chunk {chunk}, {settings}")
+    return chunk, settings
 
 
-def time_blocks():
-    """How many sequence blocks (programs per batch*head): the op at four shapes for several program targets."""
-    import kernels.mamba3_scan as scan_module
-
+def time_blocks(chunk: int, settings: ScanSettings) -> ScanSettings:
+    """How many sequence blocks (programs per batch*head): the op at four shapes for several program targets;
+    -> ``settings`` with the fastest target at the sum of the four."""
     grads = ["x", "B", "C", "dt", "theta", "A", "trap"]
     targets = (768, 1024, 1536, 2048)
     print("\n## sequence blocks: target programs (ms, fwd+bwd); L=8K runs 12 of 24 heads right to left")
@@ -319,24 +313,25 @@ def time_blocks():
         cells = []
         for programs in targets:
             def run():
-                ours(with_grad(inp, grads), chunk_size=CHUNK, target_programs=programs,
-                     reversed_heads=rev).backward(dy)
+                ours(with_grad(inp, grads), chunk_size=chunk, reversed_heads=rev,
+                     settings=replace(settings, target_programs=programs)).backward(dy)
             ms = bench_ms(run)
             totals[programs] += ms
             cells.append(f"{programs}: {ms:6.2f}")
         print(f"L={length:6d} batch {batch:3d}  " + "  ".join(cells), flush=True)
     best = min(totals, key=totals.get)
-    scan_module.LAUNCH_DEFAULTS["target_programs"] = best
-    print(f"default for the rest of the run: target_programs {best}")
+    print(f"for the rest of the run: target_programs {best}")
+    return replace(settings, target_programs=best)
 
 
-def profile_op(length=1024, batch=64, rows=14):
+def profile_op(chunk: int, settings: ScanSettings, length=1024, batch=64, rows=14):
     """torch.profiler table (CUDA time) of one fwd+bwd of the fused op."""
     inp = op_inputs(batch, length, seed=5)
     dy = torch.randn(batch, length, HEADS, HEADDIM, device="cuda", dtype=torch.bfloat16)
 
     def step():
-        ours(with_grad(inp, ["x", "B", "C", "dt", "theta", "A", "trap"]), chunk_size=CHUNK).backward(dy)
+        ours(with_grad(inp, ["x", "B", "C", "dt", "theta", "A", "trap"]), chunk_size=chunk,
+             settings=settings).backward(dy)
 
     profile_step(step, f"fused op fwd+bwd, L={length}, batch {batch}", rows)
 
@@ -369,7 +364,7 @@ def profile_layer(layer, x, label, rows=22):
     profile_step(step, label, rows)
 
 
-def time_layers(lengths, profile_at=8192, modes=("separate", "split")):
+def time_layers(lengths, chunk: int, settings: ScanSettings, profile_at=8192, modes=("separate", "split")):
     """Bidirectional Mamba-3 blocks (each ``bidirectional`` mode) vs an attention block (timm ViT block), dim 768,
     matched parameters (the Mamba-3 block's MLP width is set so that its parameter count matches the ViT block's)."""
     from predictors.backbones.mamba3 import Mamba3Block
@@ -386,7 +381,8 @@ def time_layers(lengths, profile_at=8192, modes=("separate", "split")):
         # MLP width rounded to a multiple of 64: odd widths (2122) send cuBLAS to sm80 GEMM kernels, 5 ms slower per
         # step here; the parameter count stays within 0.3% of the attention block's
         mlp_ratio = round(dim * mlp_ratio / 64) * 64 / dim
-        layers[mode] = Mamba3Block(dim, mlp_ratio=mlp_ratio, bidirectional=mode, chunk_size=CHUNK).cuda()
+        layers[mode] = Mamba3Block(dim, mlp_ratio=mlp_ratio, bidirectional=mode, chunk_size=chunk,
+                                   scan_settings=settings).cuda()
         print(f"mamba3 {mode}: MLP hidden {int(dim * mlp_ratio)}, "
               f"{sum(p.numel() for p in layers[mode].parameters()) / 1e6:.3f}M parameters (attention "
               f"{target / 1e6:.3f}M)")
@@ -453,18 +449,19 @@ def main():
     if "check" not in skip:
         check_correctness(combined)
         check_layer()
+    chunk, settings = CHUNK, ScanSettings()  # the tuning steps carry their fastest forward
     if "tune" not in skip:
-        tune_fused()
+        chunk, settings = tune_fused(settings)
     if "blocks" not in skip:
-        time_blocks()
+        settings = time_blocks(chunk, settings)
     if "profile" not in skip:
-        profile_op()
-        profile_op(65536, 1)
+        profile_op(chunk, settings)
+        profile_op(chunk, settings, 65536, 1)
     if "layers" not in skip:  # the layer comparison first: it is the open target
-        time_layers([1024, 8192, 65536] if args.quick else [1024, 4096, 8192, 16384, 65536])
+        time_layers([1024, 8192, 65536] if args.quick else [1024, 4096, 8192, 16384, 65536], chunk, settings)
     lengths = [1024, 65536] if args.quick else [1024, 4096, 16384, 65536]
     if "ops" not in skip:
-        time_ops(lengths, combined, peaks, sweep="sweep" not in skip and not args.quick)
+        time_ops(lengths, combined, peaks, "sweep" not in skip and not args.quick, chunk, settings)
 
 
 if __name__ == "__main__":

@@ -156,16 +156,16 @@ def scan_chunked_ref(x, dt, A, lam, Bm, Cm, D=None, chunk_size: int = 64):
 
 
 def bias_and_rotate_groups(v: torch.Tensor, bias: torch.Tensor | None, angle: torch.Tensor | None) -> torch.Tensor:
-    """v (B, L, G, N) per group -> per head (B, L, H, N): ``R(angle) (v + bias)``, in float32 or wider.
+    """v per group (B, L, G, N), or (B, L, G, R, N) with a MIMO rank axis -> per head (B, L, H, N) or
+    (B, L, H, R, N): ``R(angle) (v + bias)``, in float32 or wider.
 
-    bias (H, N) or (NB, H, N) (batch row b uses row b // (B / NB)) or None; angle (B, L, H, S) or None.
+    bias (NB, H, N) or (NB, H, R, N) (batch row b uses row b // (B / NB)) or None; angle (B, L, H, S), with a rank
+    axis (B, L, H, 1, S) (the same for every rank), or None.
     """
     dtype = torch.promote_types(v.dtype, torch.float32)
     if bias is None:
         heads = v.shape[2] if angle is None else angle.shape[2]
         return rotate_pairs(expand_groups(v.to(dtype), heads), angle) if angle is not None else v.to(dtype)
-    if bias.dim() == 2:
-        bias = bias[None]
     per_head = expand_groups(v.to(dtype), bias.shape[1])
     per_head = per_head + bias.to(dtype).repeat_interleave(v.shape[0] // bias.shape[0], dim=0)[:, None]
     return per_head if angle is None else rotate_pairs(per_head, angle)
@@ -173,15 +173,20 @@ def bias_and_rotate_groups(v: torch.Tensor, bias: torch.Tensor | None, angle: to
 
 def scan_fused_ref(x, dt, A, lam, Bm, Cm, D=None, B_bias=None, C_bias=None, theta=None, chunk_size: int = 64,
                    reversed_heads: int = 0):
-    """The reference of the fused Triton op (``mamba3_scan`` with biases and θ): per-group Bm, Cm (B, L, G, N) get
-    per-head biases and the cumulative rotation, then the chunked scan. The last ``reversed_heads`` heads scan right to
-    left: they are this function run on the flipped sequence, flipped back. Returns y (B, L, H, P) (in x's dtype,
-    wider intermediate), differentiable in everything."""
+    """The reference of the fused Triton op (``mamba3_scan`` with biases and θ) and the Mamba-3 layer's PyTorch path:
+    per-group Bm, Cm get per-head biases and the cumulative rotation, then the chunked scan.
+
+    SISO: x (B, L, H, P), Bm, Cm (B, L, G, N), B_bias, C_bias (H, N) or (NB, H, N); MIMO: x (B, L, H, R, P), Bm, Cm
+    (B, L, G, R, N), biases (H, R, N) or (NB, H, R, N) (batch row b uses row b // (B / NB)); dt, A, lam (B, L, H);
+    theta (B, L, S) or None; D (H) or None. The last ``reversed_heads`` heads scan right to left: they are this
+    function run on the flipped sequence, flipped back. B̄, C̄ are formed in float32 or wider and cast to x's dtype;
+    the scan runs in x's dtype (pass float64 inputs for a ground truth). Returns y shaped like x, differentiable in
+    everything."""
     heads = x.shape[2]
+    if B_bias is not None and B_bias.dim() == Bm.dim() - 2:
+        B_bias, C_bias = B_bias[None], C_bias[None]
     if reversed_heads:
         fwd = heads - reversed_heads
-        if B_bias is not None and B_bias.dim() == 2:
-            B_bias, C_bias = B_bias[None], C_bias[None]
         Bh, Ch = expand_groups(Bm, heads), expand_groups(Cm, heads)
 
         def part(sl, flip):
@@ -197,8 +202,8 @@ def scan_fused_ref(x, dt, A, lam, Bm, Cm, D=None, B_bias=None, C_bias=None, thet
         parts = [part(slice(0, fwd), False)] if fwd else []
         return torch.cat(parts + [part(slice(fwd, heads), True)], dim=2)
     angle = None if theta is None else cumulative_angles(dt, theta)
-    wide = torch.promote_types(x.dtype, torch.float32)
-    Bh = bias_and_rotate_groups(Bm, B_bias, angle).to(wide)
-    Ch = bias_and_rotate_groups(Cm, C_bias, angle).to(wide)
-    return scan_chunked_ref(x.to(wide), dt.to(wide), A.to(wide), lam.to(wide), Bh, Ch,
-                            None if D is None else D.to(wide), chunk_size=chunk_size)
+    if angle is not None and Bm.dim() == 5:
+        angle = angle[:, :, :, None, :]  # every rank rotates by its head's angle
+    Bh = bias_and_rotate_groups(Bm, B_bias, angle).to(x.dtype)
+    Ch = bias_and_rotate_groups(Cm, C_bias, angle).to(x.dtype)
+    return scan_chunked_ref(x, dt, A, lam, Bh, Ch, D, chunk_size=chunk_size)

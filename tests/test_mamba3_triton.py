@@ -18,16 +18,14 @@ def compare(dtype_name: str, seed: int) -> dict:
     """Run in the interpreted subprocess: relative errors {name: err} of Triton vs reference for one dtype."""
     import torch
 
-    from kernels.mamba3_scan import mamba3_scan
+    from kernels.mamba3_scan import ScanSettings, mamba3_scan
     from kernels.mamba3_scan_ref import scan_chunked_ref
 
     if dtype_name.startswith("fused-inline-"):
         return compare_fused(dtype_name[len("fused-inline-"):], seed, reversed_heads=1, inline_rotation=True)
     if dtype_name.startswith("fused-reversed-"):
-        import kernels.mamba3_scan as scan_module
-
-        scan_module.LONG_SCAN_CHUNKS = 0  # also covers the long-sequence form of the start-angle cumsum
-        return compare_fused(dtype_name[len("fused-reversed-"):], seed, reversed_heads=3)
+        # long_scan_chunks=0 also covers the long-sequence form of the start-angle cumsum
+        return compare_fused(dtype_name[len("fused-reversed-"):], seed, reversed_heads=3, long_scan_chunks=0)
     if dtype_name.startswith("fused-"):
         return compare_fused(dtype_name[len("fused-"):], seed)
     if dtype_name == "layer":
@@ -62,19 +60,20 @@ def compare(dtype_name: str, seed: int) -> dict:
     names = ["y", "dx", "ddt", "dA", "dlam", "dB", "dC", "dD"]
     errors = {}
     for programs, tag in ((24, ""), (8, "one block:")):
-        triton_out = run(mamba3_scan, dtype, chunk_size=16, target_programs=programs)
+        triton_out = run(mamba3_scan, dtype, chunk_size=16, settings=ScanSettings(target_programs=programs))
         errors.update({tag + n: ((t - r).norm() / r.norm()).item() for n, r, t in zip(names, reference, triton_out)})
     return errors
 
 
-def compare_fused(dtype_name: str, seed: int, reversed_heads: int = 0, inline_rotation: bool = False) -> dict:
+def compare_fused(dtype_name: str, seed: int, reversed_heads: int = 0, **settings) -> dict:
     """The fused op (per-group B/C, per-head biases, rotation by cumulative angles, D skip, all in-kernel) vs
     ``scan_fused_ref`` in float64: output and the gradient of every input (biases and θ included). With
     ``reversed_heads``, the last heads scan right to left in the same launch (the reference flips them);
-    ``inline_rotation`` forms B̄, C̄ inside the scan kernels instead of in the separate rotation pass."""
+    ``settings``: ``ScanSettings`` fields, e.g. ``inline_rotation`` forms B̄, C̄ inside the scan kernels instead of
+    in the separate rotation pass."""
     import torch
 
-    from kernels.mamba3_scan import mamba3_scan
+    from kernels.mamba3_scan import ScanSettings, mamba3_scan
     from kernels.mamba3_scan_ref import scan_fused_ref
 
     torch.set_num_threads(1)
@@ -105,8 +104,8 @@ def compare_fused(dtype_name: str, seed: int, reversed_heads: int = 0, inline_ro
 
     reference = run(scan_fused_ref, torch.float64, chunk_size=16, reversed_heads=reversed_heads)
     # 5 chunks -> 2 blocks per row
-    triton_out = run(mamba3_scan, dtype, chunk_size=16, target_programs=40, reversed_heads=reversed_heads,
-                     inline_rotation=inline_rotation)
+    triton_out = run(mamba3_scan, dtype, chunk_size=16, reversed_heads=reversed_heads,
+                     settings=ScanSettings(target_programs=40, **settings))
     names = ["y"] + ["d" + k for k in inputs]
     return {n: ((t - r).norm() / r.norm()).item() for n, r, t in zip(names, reference, triton_out)}
 
@@ -114,8 +113,6 @@ def compare_fused(dtype_name: str, seed: int, reversed_heads: int = 0, inline_ro
 def compare_layer(seed: int) -> dict:
     """A bidirectional Mamba-3 block (2 groups, padding) through the fused Triton op vs the PyTorch reference path,
     fp32: output and every parameter gradient. Worst error per kind of direction handling."""
-    import copy
-
     import torch
 
     import predictors.backbones.mamba3 as mamba3
@@ -124,21 +121,21 @@ def compare_layer(seed: int) -> dict:
     torch.manual_seed(seed)
     errors = {}
     for bidirectional in ("separate", "shared", "split", "forward"):
-        block = mamba3.Mamba3Block(32, mlp_ratio=2.0, d_state=16, headdim=16, chunk_size=16, ngroups=2,
-                                   bidirectional=bidirectional)
+        options = dict(mlp_ratio=2.0, d_state=16, headdim=16, chunk_size=16, ngroups=2, bidirectional=bidirectional)
+        block = mamba3.Mamba3Block(32, kernel="reference", **options)
         for p in block.parameters():
             p.data += 0.05 * torch.randn_like(p)  # biases away from their init
-        fused = copy.deepcopy(block)
+        with torch.random.fork_rng():
+            fused = mamba3.Mamba3Block(32, kernel="triton", **options)  # the Triton op on CPU tensors
+        fused.load_state_dict(block.state_dict())
         x = torch.randn(2, 40, 32)
         padding = torch.zeros(2, 40, dtype=torch.bool)
         padding[1, 33:] = True
         outs = []
-        for module, use_triton in ((block, False), (fused, True)):
-            mamba3.USE_TRITON_ON_CPU = use_triton
+        for module in (block, fused):
             y = module(x, padding)
             (y * torch.linspace(-1, 1, 32)).sum().backward()
             outs.append([y.detach()] + [p.grad for p in module.parameters()])
-        mamba3.USE_TRITON_ON_CPU = False
         names = ["y"] + [n for n, _ in block.named_parameters()]
         for name, ref, got in zip(names, *outs):
             if ref.norm() > 0:
