@@ -1,8 +1,8 @@
-"""mamba3 and hybrid backbones: order, padding, reversal symmetry, patterns, errors."""
+"""mamba3 and hybrid backbones: order, padding, reversal symmetry, patterns, options, errors."""
 import pytest
 import torch
 
-from predictors.backbones import available_backbones, build_backbone
+from predictors.backbones import available_backbones, backbone_options, build_backbone
 
 DIM = 32
 SMALL = dict(d_state=16, headdim=16, chunk_size=16)
@@ -131,8 +131,44 @@ def test_hybrid_pattern_expands_to_depth():
         ("mamba3", {"d_state": 10}, "d_state 10"),
         ("mamba3", {"ngroups": 3}, "ngroups 3"),
         ("mamba3", {"a_init": 0.0}, "a_init 0.0"),
+        ("mamba3", {"kernel": "cuda"}, "kernel 'cuda'"),
     ],
 )
 def test_bad_options_raise_value_error(name, kwargs, message):
     with pytest.raises(ValueError, match=message):
         build_backbone(name, DIM, 2, 4, **{**SMALL, **kwargs})
+
+
+@pytest.mark.parametrize("name,options,message", [
+    ("transformer", {"d_state": 16}, "predictor backbone 'transformer' takes no option 'd_state' "
+                                     "(its options: mlp_ratio, qkv_bias, drop_path, gated_attention)"),
+    ("mamba3", {"pattern": "MA", "gated_attention": True}, "predictor backbone 'mamba3' takes no options 'pattern', "
+                                                           "'gated_attention' (its options: mlp_ratio, drop_path, "),
+    ("hybrid", {"d_sate": 16}, "predictor backbone 'hybrid' takes no option 'd_sate' (its options: pattern, "),
+])
+def test_unknown_option_raises_value_error_naming_it(name, options, message):
+    with pytest.raises(ValueError) as error:
+        build_backbone(name, DIM, 2, 4, **options)
+    assert str(error.value).startswith(message), str(error.value)
+
+
+def test_backbone_options_are_what_each_builder_takes():
+    assert backbone_options("transformer") == ("mlp_ratio", "qkv_bias", "drop_path", "gated_attention")
+    mixer = {"d_state", "expand", "headdim", "ngroups", "mimo_rank", "use_rotation", "bidirectional", "chunk_size",
+             "dt_min", "dt_max", "a_floor", "a_init", "kernel", "scan_settings"}
+    assert set(backbone_options("mamba3")) == {"mlp_ratio", "drop_path"} | mixer
+    assert set(backbone_options("hybrid")) == {"pattern", "mlp_ratio", "drop_path", "gated_attention",
+                                               "qkv_bias"} | mixer
+    section = dict(SMALL, pattern="MA", gated_attention=False, qkv_bias=True, mlp_ratio=2.0, drop_path=0.1)
+    for name in available_backbones():  # a config section holding every option: pass the chosen backbone's only
+        build_backbone(name, DIM, 2, 4, **{k: v for k, v in section.items() if k in backbone_options(name)})
+    with pytest.raises(ValueError, match="predictor.backbone 'rnn' is unknown"):
+        backbone_options("rnn")
+
+
+def test_triton_kernel_needs_sizes_the_op_takes():
+    pytest.importorskip("triton")
+    with pytest.raises(ValueError, match="kernel 'triton' takes mimo_rank 1"):
+        small("mamba3", mimo_rank=2, kernel="triton")
+    with pytest.raises(ValueError, match="d_state=12"):
+        small("mamba3", d_state=12, kernel="triton")

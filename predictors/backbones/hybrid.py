@@ -10,8 +10,10 @@ from __future__ import annotations
 import torch.nn as nn
 from timm.models.vision_transformer import Block
 
+from encoders.layers import drop_path_rates
+
 from . import register_backbone
-from .mamba3 import Mamba3Block, SortedBackbone, drop_path_rates, mixer_kwargs
+from .mamba3 import Mamba3Block, Mamba3Mixer, SortedBackbone
 from .transformer import attention_layer, padding_attn_mask
 
 _BLOCK_KINDS = {"M": "Mamba-3 block", "A": "attention block"}
@@ -42,24 +44,24 @@ class AttentionBlock(nn.Module):
 
 
 class HybridBackbone(SortedBackbone):
-    """forward(x (B, L, D), pos (B, L) long | None, key_padding_mask (B, L) bool | None) -> (B, L, D)."""
+    """forward(x (B, L, D), pos (B, L) long | None, key_padding_mask (B, L) bool | None) -> (B, L, D).
+
+    ``mamba_options`` go to every Mamba-3 block's mixer (``Mamba3Mixer``'s options)."""
 
     def __init__(self, dim, depth, num_heads, pattern="MMMA", mlp_ratio=4.0, drop_path=0.0, gated_attention=False,
-                 qkv_bias=True, **mamba_kwargs):
+                 qkv_bias=True, **mamba_options):
         if num_heads <= 0 or dim % num_heads:
             raise ValueError(f"hybrid num_heads {num_heads} does not divide dim {dim}")
         self.pattern = expand_pattern(pattern, depth)
         blocks = []
         for kind, rate in zip(self.pattern, drop_path_rates(drop_path, depth)):
             if kind == "M":
-                blocks.append(Mamba3Block(dim, mlp_ratio, rate, **mamba_kwargs))
+                blocks.append(Mamba3Block(dim, mlp_ratio, rate, **mamba_options))
             else:
                 blocks.append(AttentionBlock(dim, num_heads, mlp_ratio, rate, gated_attention, qkv_bias))
         super().__init__(blocks)
 
 
-@register_backbone("hybrid")
-def hybrid(dim, depth, num_heads, pattern: str = "MMMA", mlp_ratio: float = 4.0, drop_path: float = 0.0,
-           gated_attention: bool = False, qkv_bias: bool = True, **kwargs):
-    return HybridBackbone(dim, depth, num_heads, pattern=pattern, mlp_ratio=mlp_ratio, drop_path=drop_path,
-                          gated_attention=gated_attention, qkv_bias=qkv_bias, **mixer_kwargs(kwargs))
+@register_backbone("hybrid", options_of=(HybridBackbone, Mamba3Mixer))
+def hybrid(dim, depth, num_heads, **options):
+    return HybridBackbone(dim, depth, num_heads, **options)

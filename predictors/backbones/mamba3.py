@@ -13,10 +13,11 @@ B and C go through RMSNorm and get per-head biases (init 1), and are rotated by 
 ``φ_t = φ_{t-1} + Δ_t π tanh(θ_t)`` (see ``kernels/mamba3_scan_ref.py`` for the recurrence and the pairing
 convention). Default (``bidirectional="split"``): half of the heads scan left to right and half right to left, in
 one scan call, ``y = (scan + D x) · silu(z)``; ``separate`` / ``shared``: every head scans both ways,
-``y = (scan_fwd + scan_bwd + D x) · silu(z)``; then ``out_proj``. On CUDA (SISO) the scan is the Triton op
-(``kernels/mamba3_scan.py``): B and C stay per group and the op applies the per-head bias, the angle cumsum and the
-rotation itself; elsewhere (and for MIMO) the PyTorch reference path (``scan_reference``) does the same in plain
-PyTorch.
+``y = (scan_fwd + scan_bwd + D x) · silu(z)``; then ``out_proj``. The scan (``kernel``): with ``"auto"`` on CUDA
+(SISO) it is the Triton op (``kernels/mamba3_scan.py``): B and C stay per group and the op applies the per-head bias,
+the angle cumsum and the rotation itself; elsewhere (and for MIMO) the op's PyTorch reference
+(``kernels.mamba3_scan_ref.scan_fused_ref``) does the same in plain PyTorch. ``"triton"`` runs the Triton op on any
+device (on CPU tensors under ``TRITON_INTERPRET=1``: the tests), ``"reference"`` always the PyTorch path.
 """
 from __future__ import annotations
 
@@ -28,49 +29,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, Mlp
 
-from kernels.mamba3_scan_ref import cumulative_angles, expand_groups, rotate_pairs, scan_chunked_ref
+from encoders.layers import drop_path_rates
+from kernels.mamba3_scan_ref import scan_fused_ref
 
 from . import register_backbone
 
 _DIRECTIONS = {"forward": 1, "shared": 1, "separate": 2, "split": 1}
-# Tests set this (with TRITON_INTERPRET=1) to run the fused Triton op on CPU tensors.
-USE_TRITON_ON_CPU = False
-
-
-def bias_and_rotate(v: torch.Tensor, bias: torch.Tensor, angle: torch.Tensor | None, dtype: torch.dtype):
-    """v (B, L, H, R, N) + bias (H, R, N) or (B, 1, H, R, N), rotated by angle (B, L, H, 1, S) or not (None), cast to
-    ``dtype``."""
-    v = v + bias
-    return (v if angle is None else rotate_pairs(v, angle)).to(dtype)
-
-
-def scan_reference(x, dt, A, lam, Bn, Cn, B_bias, C_bias, theta, heads: int, chunk_size: int,
-                   reversed_heads: int = 0) -> torch.Tensor:
-    """The PyTorch path (CPU, MIMO; the ground truth of the fused kernel): per-head bias + rotation, chunked scan.
-
-    x (B, L, H, R, P) or (B, L, H, P); Bn, Cn (B, L, G, R, N) normalised; B_bias, C_bias (B, H, R, N); theta
-    (B, L, S) or None. The last ``reversed_heads`` heads scan right to left (run on the flipped sequence).
-    """
-    if reversed_heads:
-        fwd = heads - reversed_heads
-        Bh, Ch = expand_groups(Bn, heads), expand_groups(Cn, heads)
-
-        def part(lo, hi, flip):
-            def cut(v, axis=2):
-                v = v[:, :, lo:hi] if axis == 2 else v[:, lo:hi]
-                return v.flip(1) if flip and axis == 2 else v
-            y = scan_reference(cut(x), cut(dt), cut(A), cut(lam), cut(Bh), cut(Ch), cut(B_bias, 1), cut(C_bias, 1),
-                               None if theta is None else (theta.flip(1) if flip else theta), hi - lo, chunk_size)
-            return y.flip(1) if flip else y
-
-        return torch.cat(([part(0, fwd, False)] if fwd else []) + [part(fwd, heads, True)], dim=2)
-    angle = cumulative_angles(dt, theta)[:, :, :, None, :] if theta is not None else None  # (B, L, H, 1, S)
-    wide = torch.promote_types(x.dtype, torch.float32)
-    Bm = bias_and_rotate(expand_groups(Bn.to(wide), heads), B_bias[:, None], angle, x.dtype)
-    Cm = bias_and_rotate(expand_groups(Cn.to(wide), heads), C_bias[:, None], angle, x.dtype)
-    if x.dim() == 4:
-        Bm, Cm = Bm.squeeze(3), Cm.squeeze(3)
-    return scan_chunked_ref(x, dt, A, lam, Bm, Cm, None, chunk_size=chunk_size)
+_KERNELS = ("auto", "triton", "reference")
 
 
 class Mamba3Mixer(nn.Module):
@@ -81,6 +46,9 @@ class Mamba3Mixer(nn.Module):
     ``"shared"`` (both scans use the same ones: reversing the sequence reverses the output), ``"split"`` (half of
     the heads scan left to right, the other half right to left, in one scan of the sequence's cost: the out_proj
     mixes both halves, so every output sees the whole sequence), ``"forward"`` (causal).
+    ``kernel``: ``"auto"`` (the Triton op on CUDA for SISO and sizes it takes, else the PyTorch reference),
+    ``"triton"`` (the Triton op on any device; SISO and powers of two >= 16 only) or ``"reference"``;
+    ``scan_settings``: the Triton op's launches (``kernels.mamba3_scan.ScanSettings``; None: its defaults).
     """
 
     def __init__(
@@ -98,6 +66,8 @@ class Mamba3Mixer(nn.Module):
         dt_max: float = 0.1,
         a_floor: float = 1e-4,
         a_init: float | None = None,
+        kernel: str = "auto",
+        scan_settings=None,
     ):
         super().__init__()
         inner = int(expand * dim)
@@ -114,6 +84,16 @@ class Mamba3Mixer(nn.Module):
             raise ValueError(f"mamba3 bidirectional '{bidirectional}' is unknown (expected one of {list(_DIRECTIONS)})")
         if bidirectional == "split" and heads % 2:
             raise ValueError(f"mamba3 bidirectional 'split' needs an even number of heads (expand*dim/headdim = {heads})")
+        if kernel not in _KERNELS:
+            raise ValueError(f"mamba3 kernel '{kernel}' is unknown (expected one of {list(_KERNELS)})")
+        if kernel == "triton":
+            from kernels.mamba3_scan import supports  # imports triton
+
+            if mimo_rank != 1 or not supports(d_state, headdim, chunk_size):
+                raise ValueError(f"mamba3 kernel 'triton' takes mimo_rank 1 and d_state, headdim, chunk_size powers "
+                                 f"of two >= 16 (got mimo_rank={mimo_rank}, d_state={d_state}, headdim={headdim}, "
+                                 f"chunk_size={chunk_size}); use kernel 'auto' or 'reference'")
+        self.kernel, self.scan_settings = kernel, scan_settings
         self.inner, self.heads, self.headdim, self.d_state = inner, heads, headdim, d_state
         self.groups, self.rank, self.use_rotation = ngroups, mimo_rank, use_rotation
         self.bidirectional, self.chunk_size, self.a_floor = bidirectional, chunk_size, a_floor
@@ -168,36 +148,44 @@ class Mamba3Mixer(nn.Module):
         return self.out_proj(y)
 
     def _fused(self, x: torch.Tensor) -> bool:
-        """Whether this call runs the Triton op (CUDA, SISO, sizes it takes); on CUDA a size it does not take warns
-        once and runs the PyTorch path."""
-        if not ((x.is_cuda or USE_TRITON_ON_CPU) and self.rank == 1):
+        """Whether this call runs the Triton op: ``kernel="triton"``, or ``"auto"`` on CUDA for SISO and sizes it
+        takes; with ``"auto"`` on CUDA a size it does not take warns once and runs the PyTorch path."""
+        if self.kernel != "auto":
+            return self.kernel == "triton"
+        if not (x.is_cuda and self.rank == 1):
             return False
         from kernels.mamba3_scan import supports  # imports triton; only needed on CUDA
 
-        if USE_TRITON_ON_CPU or supports(self.d_state, self.headdim, self.chunk_size):
+        if supports(self.d_state, self.headdim, self.chunk_size):
             return True
         warnings.warn(f"mamba3: d_state={self.d_state}, headdim={self.headdim}, chunk_size={self.chunk_size} are not "
                       "all powers of two >= 16, so the Triton scan cannot run them; using the (slower) PyTorch path")
         return False
+
+    def _scan(self, x, dt, A, lam, Bn, Cn, B_bias, C_bias, theta, D=None, reversed_heads: int = 0) -> torch.Tensor:
+        """One scan call: x (B, L, H, P); Bn, Cn (B, L, G, R, N); B_bias, C_bias (NB, H, R, N) (batch row b uses row
+        b // (B / NB)). The Triton op (SISO) or the PyTorch reference; MIMO mixes x into the ranks (``mimo_x``) and
+        the ranks' outputs back (``mimo_out``). -> (B, L, H, P), with ``D x`` when D is given."""
+        if self.rank == 1:
+            Bn, Cn, B_bias, C_bias = Bn.squeeze(3), Cn.squeeze(3), B_bias.squeeze(2), C_bias.squeeze(2)
+        if self._fused(x):
+            from kernels.mamba3_scan import ScanSettings, mamba3_scan
+
+            settings = self.scan_settings or ScanSettings()
+            return mamba3_scan(x, dt, A, lam, Bn, Cn, D, chunk_size=self.chunk_size, B_bias=B_bias, C_bias=C_bias,
+                               theta=theta, reversed_heads=reversed_heads, settings=settings)
+        xs = x[:, :, :, None, :] * self.mimo_x.to(x.dtype) if self.rank > 1 else x
+        y = scan_fused_ref(xs, dt, A, lam, Bn, Cn, None, B_bias, C_bias, theta, self.chunk_size, reversed_heads)
+        if self.rank > 1:
+            y = (y * self.mimo_out.to(y.dtype)).sum(3)
+        return y if D is None else y + D.to(y.dtype)[:, None] * x
 
     def _scan_heads(self, x, proj, padding) -> torch.Tensor:
         """``forward`` and ``split``: one scan call over the heads (the last half right to left for ``split``), D x
         included. x (B, L, H, P) -> (B, L, H, P)."""
         dt, A, lam, Bn, Cn, theta = self._direction_inputs(proj, 0, padding, x.dtype)
         reversed_heads = self.heads // 2 if self.bidirectional == "split" else 0
-        if self._fused(x):
-            from kernels.mamba3_scan import mamba3_scan
-
-            return mamba3_scan(x, dt, A, lam, Bn.squeeze(3), Cn.squeeze(3), self.D, chunk_size=self.chunk_size,
-                               B_bias=self.B_bias[0, :, 0], C_bias=self.C_bias[0, :, 0], theta=theta,
-                               reversed_heads=reversed_heads)
-        batch = x.shape[0]
-        xs = x[:, :, :, None, :] * self.mimo_x.to(x.dtype) if self.rank > 1 else x
-        y = scan_reference(xs, dt, A, lam, Bn, Cn, self.B_bias[[0] * batch], self.C_bias[[0] * batch], theta,
-                           self.heads, self.chunk_size, reversed_heads)
-        if self.rank > 1:
-            y = (y * self.mimo_out.to(y.dtype)).sum(3)
-        return y + self.D.to(y.dtype)[:, None] * x
+        return self._scan(x, dt, A, lam, Bn, Cn, self.B_bias[:1], self.C_bias[:1], theta, self.D, reversed_heads)
 
     def _scan_two_directions(self, x, per_direction, padding) -> torch.Tensor:
         """``separate`` and ``shared``: every head scans both ways; the reversed stream is the flipped sequence,
@@ -215,19 +203,7 @@ class Mamba3Mixer(nn.Module):
         dt, A, lam, Bn, Cn = (torch.cat(parts, dim=0) for parts in list(zip(*inputs))[:5])
         theta = torch.cat([s[5] for s in inputs], dim=0) if self.use_rotation else None
         bias_rows = [d for _, _, _, d in streams]
-        B_bias, C_bias = self.B_bias[bias_rows], self.C_bias[bias_rows]  # (2, H, R, N)
-        if self._fused(xs):  # fused Triton op: per-group B/C, per-head bias and rotation in-kernel
-            from kernels.mamba3_scan import mamba3_scan
-
-            y = mamba3_scan(xs, dt, A, lam, Bn.squeeze(3), Cn.squeeze(3), None, chunk_size=self.chunk_size,
-                            B_bias=B_bias.squeeze(2), C_bias=C_bias.squeeze(2), theta=theta)
-        else:
-            if self.rank > 1:
-                xs = xs[:, :, :, None, :] * self.mimo_x.to(xs.dtype)  # (2B, L, H, R, P)
-            y = scan_reference(xs, dt, A, lam, Bn, Cn, B_bias.repeat_interleave(batch, 0),
-                               C_bias.repeat_interleave(batch, 0), theta, self.heads, self.chunk_size)
-            if self.rank > 1:
-                y = (y * self.mimo_out.to(y.dtype)).sum(3)
+        y = self._scan(xs, dt, A, lam, Bn, Cn, self.B_bias[bias_rows], self.C_bias[bias_rows], theta)  # (2B, ...)
         y = y[:batch] + y[batch:].flip(1)
         return y + self.D.to(y.dtype)[:, None] * x
 
@@ -297,12 +273,8 @@ class SortedBackbone(nn.Module):
         return scatter_tokens(x, order)
 
 
-def drop_path_rates(drop_path: float, depth: int) -> list[float]:
-    return torch.linspace(0, drop_path, depth).tolist() if depth > 0 else []
-
-
 class Mamba3Backbone(SortedBackbone):
-    """``depth`` Mamba-3 blocks. ``num_heads`` is unused: heads = expand * dim / headdim."""
+    """``depth`` Mamba-3 blocks (``Mamba3Block``); ``mixer_kwargs`` are ``Mamba3Mixer``'s options."""
 
     def __init__(self, dim: int, depth: int, mlp_ratio: float = 4.0, drop_path: float = 0.0, **mixer_kwargs):
         super().__init__(
@@ -310,15 +282,7 @@ class Mamba3Backbone(SortedBackbone):
         )
 
 
-MIXER_KWARGS = ("d_state", "expand", "headdim", "ngroups", "mimo_rank", "use_rotation", "bidirectional", "chunk_size",
-                "dt_min", "dt_max", "a_floor", "a_init")
-
-
-def mixer_kwargs(kwargs: dict) -> dict:
-    """The Mamba-3 mixer options among a backbone's kwargs (the rest is ignored)."""
-    return {key: kwargs[key] for key in MIXER_KWARGS if key in kwargs}
-
-
-@register_backbone("mamba3")
-def mamba3(dim, depth, num_heads, mlp_ratio: float = 4.0, drop_path: float = 0.0, **kwargs):
-    return Mamba3Backbone(dim, depth, mlp_ratio=mlp_ratio, drop_path=drop_path, **mixer_kwargs(kwargs))
+@register_backbone("mamba3", options_of=(Mamba3Backbone, Mamba3Mixer))
+def mamba3(dim, depth, num_heads, **options):
+    """``num_heads`` is unused: heads = expand * dim / headdim."""
+    return Mamba3Backbone(dim, depth, **options)

@@ -13,6 +13,8 @@ import torch.nn as nn
 from timm.layers import Attention
 from timm.models.vision_transformer import Block
 
+from encoders.layers import drop_path_rates
+
 from . import register_backbone
 
 
@@ -40,6 +42,7 @@ def attention_layer(gated: bool) -> type[nn.Module]:
     return GatedAttention
 
 
+@register_backbone("transformer")
 class TransformerBackbone(nn.Module):
     """Stack of pre-norm ViT blocks.
 
@@ -56,14 +59,12 @@ class TransformerBackbone(nn.Module):
         qkv_bias: bool = True,
         drop_path: float = 0.0,
         gated_attention: bool = False,
-        **unused,
     ):
         super().__init__()
         attn = attention_layer(gated_attention)
-        rates = torch.linspace(0, drop_path, depth).tolist() if depth > 0 else []
         self.blocks = nn.ModuleList(
             Block(dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop_path=rate, attn_layer=attn)
-            for rate in rates
+            for rate in drop_path_rates(drop_path, depth)
         )
 
     def forward(self, x, pos=None, key_padding_mask=None):
@@ -71,8 +72,3 @@ class TransformerBackbone(nn.Module):
         for block in self.blocks:
             x = block(x, attn_mask=attn_mask)
         return x
-
-
-@register_backbone("transformer")
-def transformer(dim, depth, num_heads, **kwargs):
-    return TransformerBackbone(dim, depth, num_heads, **kwargs)
