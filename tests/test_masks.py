@@ -117,3 +117,46 @@ def test_3d_grid_blocks_are_boxes_and_every_token_is_kept():
             assert 2 <= t.max() - t.min() + 1 <= 4
             reached[t, r, c] = True
     assert reached[-1].any() and reached[:, -1].any() and reached[:, :, -1].any()
+
+
+def vjepa_samplers(equalize, grid=(8, 14, 14)):
+    """V-JEPA's short-range (8 x 0.15) and long-range (2 x 0.7) block sets; context = the rest of the clip."""
+    return [MultiBlockMaskSampler(grid, num_targets=n, target_scale=(s, s), num_context=0, target_union=True,
+                                  equalize=equalize, min_keep=10) for n, s in ((8, 0.15), (2, 0.7))]
+
+
+def time_shares(idx, pad, frames=8, per_frame=196):
+    kept = idx[~pad] if pad is not None else idx.reshape(-1)
+    return np.bincount((kept // per_frame).numpy(), minlength=frames) / kept.numel()
+
+
+def test_vjepa_masks_keep_every_token_and_time_is_uniform():
+    """Per-time-step share of context and of target tokens is uniform within 5% (relative) when every token is kept;
+    context and targets partition the clip."""
+    for sampler in vjepa_samplers("pad"):
+        ctx_share, tgt_share, tokens = np.zeros(8), np.zeros(8), 0
+        for step in range(100):  # 100 batches x 24 clips = 2400 samples
+            mb = sampler(24, (0, 0, step))
+            assert torch.equal(mb.context_lengths + (~mb.target_pad).sum((1, 2)), torch.full((24,), 8 * 196))
+            ctx, tgt = dense(mb, grid=8 * 196)
+            tgt = torch.zeros_like(ctx).scatter_(1, mb.target_idx[:, 0], ~mb.target_pad[:, 0])
+            assert not (ctx & tgt).any()
+            ctx_share += time_shares(mb.context_idx, mb.context_pad)
+            tgt_share += time_shares(mb.target_idx[:, 0], mb.target_pad[:, 0])
+        for share in (ctx_share / 100, tgt_share / 100):
+            assert np.abs(share / share.mean() - 1).max() < 0.05, share
+
+
+def test_vjepa_truncate_drops_context_and_biases_it_to_early_frames():
+    """The official cut (sort, truncate to the batch minimum) drops most long-range context tokens, and what is left
+    comes mostly from the first frames; ours keeps them all."""
+    pad_sampler, cut_sampler = vjepa_samplers("pad")[1], vjepa_samplers("truncate")[1]
+    sampled = kept = 0
+    shares = np.zeros(8)
+    for step in range(20):
+        pad, cut = pad_sampler(24, (0, 0, step)), cut_sampler(24, (0, 0, step))
+        sampled += pad.context_lengths.sum().item()
+        kept += cut.context_idx.numel()
+        shares += time_shares(cut.context_idx, None)
+    assert 1 - kept / sampled > 0.5  # most of the sampled context is dropped
+    assert (shares / 20)[:2].sum() > 0.4  # the first 2 of 8 frames hold far more than their 25% share
