@@ -14,6 +14,8 @@ Measured (torch 2.14 CPU): seeds 0, 1, 2 reach 100% on 64-bit strings; without r
 """
 import math
 
+import pytest
+
 import torch
 import torch.nn as nn
 
@@ -66,6 +68,7 @@ def train_parity(use_rotation: bool, seed: int = 0) -> float:
         return (predicted == bits.sum(1) % 2).float().mean().item()
 
 
+@pytest.mark.slow
 def test_parity_needs_rotation():
     torch.set_num_threads(1)
     with_rotation = train_parity(use_rotation=True)
