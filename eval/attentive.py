@@ -4,13 +4,32 @@ blocks over the tokens first (V-JEPA 2's probe), then the cross-attention block.
 trains in one pass as parallel probes (AdamW, warmup + cosine); selection on a held-out part of train."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.models.vision_transformer import Block, Mlp
 
-from .config import AttentiveConfig
-from .grid import GridResult, grid, scheduled_step, stratified_holdout, summarise
+from jepa.config import knob
+
+from .grid import GridResult, grid, grid_records, scheduled_step, stratified_holdout, summarise
+from .results import Record
+from .tasks import EvalRun, register_task
+
+
+@dataclass
+class AttentiveConfig:
+    depth: Literal[1, 4] = 1  # 1: one cross-attention block; 4: three self-attention blocks over the tokens, then it
+    num_heads: int = knob(0, ge=0)  # 0: the most heads (<= 16) that divide the feature dim with head dim >= 32
+    mlp_ratio: float = knob(4.0, gt=0)
+    lrs: list[float] = knob(factory=lambda: [0.0001, 0.0003, 0.001], gt=0)
+    weight_decays: list[float] = knob(factory=lambda: [0.01, 0.1], ge=0)
+    epochs: int = knob(20, gt=0)
+    batch_size: int = knob(128, gt=0)
+    warmup_epochs: int = knob(1, ge=0)
+    holdout_fraction: float = knob(0.1, gt=0, lt=1)
 
 
 def default_num_heads(dim: int) -> int:
@@ -104,3 +123,14 @@ def attentive_probe(train_tokens: torch.Tensor, train_y: torch.Tensor, val_token
     held = _logits(probes, train_tokens[held_idx], device)
     val = _logits(probes, val_tokens, device)
     return summarise(settings, held, train_y[held_idx], val, val_y)
+
+
+@register_task("attentive", config=AttentiveConfig)
+def run_attentive(run: EvalRun) -> list[Record]:
+    """Attentive probe (learnable query over every last-layer token, lr x wd grid) on cached fp16 tokens."""
+    train, val = run.features("train", "tokens"), run.features("val", "tokens")
+    if not run.accelerator.is_main_process:
+        return []
+    result = attentive_probe(train.features, train.labels, val.features, val.labels, len(train.classes),
+                             run.section, run.cfg.seed, run.accelerator.device)
+    return grid_records(run, result)

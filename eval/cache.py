@@ -1,9 +1,10 @@
 """On-disk feature cache keyed by encoder weights + data + transform + feature mode.
 
 A cache entry is ``<cache_dir>/<key[:2]>/<key>.safetensors`` (tensors ``features``, ``labels``; metadata: the
-JSON description the key was hashed from). The key changes when any weight, any image file (path, size,
-mtime), the class list, the transform, the resolution, the feature mode or the precision changes; otherwise
-the entry is reused. Entries are written to a temporary name and renamed, so a crash leaves no torn entry.
+JSON description the key was hashed from). The key changes when any weight, the labelled source's
+``fingerprint()`` (any file's path, size or mtime, a label, the class list), the transform, the resolution, the
+feature mode or the precision changes; otherwise the entry is reused. Entries are written to a temporary name
+and renamed, so a crash leaves no torn entry.
 """
 from __future__ import annotations
 
@@ -21,15 +22,6 @@ CACHE_VERSION = 1
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("OPENJEPA_CACHE", Path.home() / ".cache" / "openjepa" / "features"))
-
-
-def data_fingerprint(samples: list[tuple[Path, int]], classes: list[str]) -> str:
-    """SHA-256 of (path, label, size, mtime) of every sample and the class names."""
-    digest = hashlib.sha256(json.dumps(classes).encode())
-    for path, label in samples:
-        stat = os.stat(path)
-        digest.update(f"{os.path.abspath(path)}|{label}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
-    return digest.hexdigest()
 
 
 def cache_key(description: dict) -> str:

@@ -7,7 +7,9 @@
 - ``timm:<model name>``: timm's architecture at random init (seeded), the baseline of every table.
 
 ``FrozenEncoder.tokens(images (B, 3, H, W)) -> (B, N, D)`` final-normed tokens and
-``FrozenEncoder.layers(images, k) -> [(B, N_i, D_i)] * k`` the normed outputs of the last k blocks/stages.
+``FrozenEncoder.layers(images, k) -> [(B, N_i, D_i)] * k`` the outputs of the last k blocks/stages (our encoders:
+the encoder protocol's ``intermediate_layers``; timm: ``forward_intermediates``).
+Checkpoints are read by ``jepa.reader`` (through their method), exports by ``jepa.export.load_export``.
 ``fingerprint`` is a SHA-256 of the weights (names, shapes, dtypes, bytes): the encoder part of the cache key.
 """
 from __future__ import annotations
@@ -19,8 +21,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from encoders.vit import VisionTransformer
-from jepa.export import ExportError, is_checkpoint_path, is_export_path, load_checkpoint_encoder, load_export
+from jepa.export import is_export_path, load_export
+from jepa.reader import EncoderReadError, is_checkpoint_path, load_checkpoint_encoder
 
 
 class EncoderSpecError(ValueError):
@@ -65,12 +67,11 @@ class FrozenEncoder:
 
     @torch.no_grad()
     def layers(self, images: torch.Tensor, count: int) -> list[torch.Tensor]:
-        """Normed outputs of the last ``count`` blocks (CNN: stages), each (B, N_i, D_i)."""
+        """Outputs of the last ``count`` blocks (CNN: stages), oldest first, each (B, N_i, D_i)."""
         if count == 1:
             return [self.tokens(images)]
-        if isinstance(self.module, VisionTransformer):
-            _, layers = self.module(images, return_layers=count)
-            return layers
+        if not self.is_timm and hasattr(self.module, "intermediate_layers"):
+            return self.module.intermediate_layers(images, count)
         if self.is_timm and hasattr(self.module, "forward_intermediates"):
             maps = self.module.forward_intermediates(images, indices=count, norm=True, intermediates_only=True)
             return [m.flatten(2).transpose(1, 2) for m in maps]
@@ -99,7 +100,7 @@ def load_frozen_encoder(spec: str, which: str = "target", timm_seed: int = 0, im
             else:
                 raise EncoderSpecError(f"--encoder '{spec}' holds no checkpoint-<step>/ folder, no checkpoint files "
                                        f"(target_encoder.safetensors) and no export.json")
-        except ExportError as err:
+        except EncoderReadError as err:  # jepa.export.ExportError included
             raise EncoderSpecError(f"--encoder '{spec}': {err}") from err
         img_size = cfg.data.img_size
     module.eval().requires_grad_(False)

@@ -3,7 +3,7 @@ through the on-disk cache.
 
 Modes:
 - ``pooled``: (N, k*D) float32 — each of the last k layers mean-pooled over tokens, concatenated (k=1: the
-  mean-pooled last layer).
+  mean-pooled last layer); ``pool_layers`` is the one pooling, shared with the training kNN monitor.
 - ``tokens``: (N, T, D) float16 — every last-layer token (the attentive probe's input).
 """
 from __future__ import annotations
@@ -11,18 +11,32 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterable, Literal
 
 import torch
 from tqdm.auto import tqdm
 
-from data.folder import ImageFolderDataset
-from data.labelled import collate_labelled
+from data.labelled import LabelledSource, labelled_loader, open_labelled_source
 from data.transforms import eval_transform
+from jepa.config import knob
+from jepa.precision import autocast_context, resolve_precision
 
-from .cache import cache_key, data_fingerprint, load_entry, save_entry
+from .cache import cache_key, load_entry, save_entry
 from .encoders import FrozenEncoder
 
 MODES = ("pooled", "tokens")
+
+
+@dataclass
+class FeatureConfig:
+    img_size: int = knob(0, ge=0)  # 0: the encoder's training data.img_size (224 for timm: encoders)
+    batch_size: int = knob(128, gt=0)  # per process
+    num_workers: int = knob(4, ge=0)
+    layers: int = knob(1, gt=0)  # pooled features: mean-pool each of the last `layers` blocks and concatenate
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    cache_dir: str = ""  # "": $OPENJEPA_CACHE or ~/.cache/openjepa/features
+    progress_bar: bool = True
+    timm_seed: int = 0  # random init of timm:<name> encoders (part of the cache key through the weights)
 
 
 @dataclass
@@ -38,44 +52,36 @@ class FeatureSet:
 
 
 def build_dataset(root: str | Path, split: str, img_size: int, indices: list[int] | None = None
-                  ) -> ImageFolderDataset:
+                  ) -> LabelledSource:
     """Deterministic eval view of a split (resize + center crop); corrupt images raise so rows stay aligned."""
-    return ImageFolderDataset(root, split, eval_transform(img_size), on_corrupt="raise", indices=indices)
+    return open_labelled_source(root, split, eval_transform(img_size), on_corrupt="raise", indices=indices)
 
 
-def _autocast(device: torch.device, precision: str):
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    if use_bf16 and device.type in ("cuda", "cpu"):
-        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext
-
-
-def effective_precision(device: torch.device, precision: str) -> str:
-    return "bf16" if precision == "bf16" or (precision == "auto" and device.type == "cuda") else "fp32"
+def pool_layers(layers: list[torch.Tensor]) -> torch.Tensor:
+    """[(B, N_i, D_i)] -> (B, sum_i D_i) float32: every layer mean-pooled over its tokens, concatenated."""
+    return torch.cat([layer.float().mean(1) for layer in layers], dim=1)
 
 
 @torch.no_grad()
-def _run(encoder: FrozenEncoder, loader, mode: str, layers: int, accelerator, precision: str, progress: bool
-         ) -> tuple[torch.Tensor, torch.Tensor]:
-    device = accelerator.device
-    autocast = _autocast(device, precision)
+def encode_batches(batches: Iterable, encode: Callable[[torch.Tensor], torch.Tensor], device: torch.device,
+                   autocast=contextlib.nullcontext, gather: Callable | None = None, to_cpu: bool = False
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``encode(pixels)`` of every ``(pixels, labels)`` batch under ``autocast()``; returns (features (N, ...),
+    labels (N,) long), gathered over processes by ``gather((features, labels))`` when given, on the CPU or the
+    device."""
     feats, labels = [], []
-    bar = tqdm(loader, desc=f"features ({mode})", disable=not (progress and accelerator.is_main_process),
-               dynamic_ncols=True)
-    for images, batch_labels in bar:
+    for images, batch_labels in batches:
         images, batch_labels = images.to(device, non_blocking=True), batch_labels.to(device)
         with autocast():
-            if mode == "tokens":
-                out = encoder.tokens(images).to(torch.float16)
-            else:
-                out = torch.cat([layer.float().mean(1) for layer in encoder.layers(images, layers)], dim=1)
-        out, batch_labels = accelerator.gather_for_metrics((out.contiguous(), batch_labels))
-        feats.append(out.cpu())
-        labels.append(batch_labels.cpu())
+            out = encode(images)
+        if gather is not None:
+            out, batch_labels = gather((out.contiguous(), batch_labels))
+        feats.append(out.cpu() if to_cpu else out)
+        labels.append(batch_labels.cpu() if to_cpu else batch_labels)
     return torch.cat(feats), torch.cat(labels).long()
 
 
-def extract_features(encoder: FrozenEncoder, dataset: ImageFolderDataset, mode: str, accelerator, *,
+def extract_features(encoder: FrozenEncoder, dataset: LabelledSource, mode: str, accelerator, *,
                      layers: int = 1, batch_size: int = 128, num_workers: int = 4, precision: str = "auto",
                      cache_dir: str | Path = "", progress: bool = True) -> FeatureSet:
     """Features of every sample of ``dataset`` (in order), from the cache when the key matches.
@@ -84,19 +90,25 @@ def extract_features(encoder: FrozenEncoder, dataset: ImageFolderDataset, mode: 
     """
     if mode not in MODES:
         raise ValueError(f"feature mode '{mode}' is unknown (expected one of {list(MODES)})")
-    precision = effective_precision(accelerator.device, precision)
-    description = dict(encoder=encoder.fingerprint, data=data_fingerprint(dataset.samples, dataset.classes),
-                       transform=repr(dataset.transform), mode=mode, layers=layers if mode == "pooled" else 1,
-                       precision=precision)
+    device = accelerator.device
+    precision = resolve_precision(precision, device.type)
+    description = dict(encoder=encoder.fingerprint, data=dataset.fingerprint(), transform=repr(dataset.transform),
+                       mode=mode, layers=layers if mode == "pooled" else 1, precision=precision)
     key = cache_key(description)
     hit = load_entry(cache_dir, key)
     if hit is not None:
         return FeatureSet(hit[0], hit[1], dataset.classes, dataset.samples, True, key)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                                         collate_fn=collate_labelled, pin_memory=accelerator.device.type == "cuda")
+    loader = labelled_loader(dataset, batch_size, num_workers, pin_memory=device.type == "cuda")
     loader = accelerator.prepare_data_loader(loader, device_placement=False)
-    encoder.to(accelerator.device)
-    features, labels = _run(encoder, loader, mode, layers, accelerator, precision, progress)
+    encoder.to(device)
+    if mode == "tokens":
+        encode = lambda images: encoder.tokens(images).to(torch.float16)  # noqa: E731
+    else:
+        encode = lambda images: pool_layers(encoder.layers(images, layers))  # noqa: E731
+    bar = tqdm(loader, desc=f"features ({mode})", disable=not (progress and accelerator.is_main_process),
+               dynamic_ncols=True)
+    features, labels = encode_batches(bar, encode, device, autocast_context(precision, device.type),
+                                      gather=accelerator.gather_for_metrics, to_cpu=True)
     if len(labels) != len(dataset):
         raise RuntimeError(f"extracted {len(labels)} feature rows for {len(dataset)} samples")
     if accelerator.is_main_process:

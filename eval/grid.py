@@ -1,23 +1,27 @@
 """What the linear and attentive probes share: the held-out selection split, top-k accuracy, the
-(learning rate × weight decay) grid, and the selected / best-of-grid summary."""
+(learning rate × weight decay) grid, the selected / best-of-grid summary and its table and records."""
 from __future__ import annotations
 
 import itertools
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
+
+from data.subsets import per_class_shuffled
+
+from .results import Record, format_table, pct
+
+if TYPE_CHECKING:
+    from .tasks import EvalRun
 
 
 def stratified_holdout(labels: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(fit indices, held-out indices) of a labels (N,) tensor: ``fraction`` of each class held out (at least one
     sample of every class with two or more)."""
-    rng = np.random.default_rng(seed)
-    labels_np = labels.cpu().numpy()
     fit, held = [], []
-    for label in np.unique(labels_np):
-        members = rng.permutation(np.flatnonzero(labels_np == label))
+    for members in per_class_shuffled(labels, seed):
         count = min(len(members) - 1, max(1, int(round(fraction * len(members))))) if len(members) > 1 else 0
         held += members[:count].tolist()
         fit += members[count:].tolist()
@@ -82,3 +86,24 @@ def summarise(settings: list[tuple[float, float]], holdout_logits: list[torch.Te
     selected = max(range(len(heads)), key=lambda i: (heads[i]["holdout_top1"], -i))
     best = max(range(len(heads)), key=lambda i: (heads[i]["val_top1"], -i))
     return GridResult(heads, selected, best, val_logits[selected].argmax(-1).cpu())
+
+
+def grid_records(run: "EvalRun", result: GridResult) -> list[Record]:
+    """Print the grid and the selected / best-of-grid heads; records ``top{1,5}_{selected,best_of_grid}``."""
+    sel, best = result.selected_head, result.best_head
+    run.say(format_table(
+        [(f"{h['lr']:g}", f"{h['weight_decay']:g}", pct(h["holdout_top1"]), pct(h["val_top1"]), pct(h["val_top5"]),
+          ("selected" if i == result.selected else "") + (" best-of-grid" if i == result.best_of_grid else ""))
+         for i, h in enumerate(result.heads)],
+        ("lr", "wd", "held-out top-1 %", "val top-1 %", "val top-5 %", "")))
+    run.say(format_table([("top-1 (selected on held-out train)", pct(sel["val_top1"]),
+                           f"lr={sel['lr']:g} wd={sel['weight_decay']:g}"),
+                          ("top-5 (selected on held-out train)", pct(sel["val_top5"]), ""),
+                          ("top-1 best-of-grid (chosen on val: optimistic)", pct(best["val_top1"]),
+                           f"lr={best['lr']:g} wd={best['weight_decay']:g}")],
+                         (f"{run.task} probe", "val %", "head")))
+    head = lambda h: {"lr": h["lr"], "weight_decay": h["weight_decay"]}  # noqa: E731
+    return [run.record("top1_selected", sel["val_top1"], head=head(sel)),
+            run.record("top5_selected", sel["val_top5"], head=head(sel)),
+            run.record("top1_best_of_grid", best["val_top1"], head=head(best)),
+            run.record("top5_best_of_grid", best["val_top5"], head=head(best))]

@@ -1,11 +1,24 @@
 """Weighted kNN classification (the DINO protocol): cosine similarity between L2-normalised features, the k
-nearest train samples vote for their class with weight exp(similarity / T)."""
+nearest train samples vote for their class with weight exp(similarity / T). The one kNN of the project: the
+``knn`` eval task (below) and the training monitor (``eval.monitor``) both use it."""
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from jepa.config import knob
+
 from .grid import topk_correct
+from .results import Record, format_table, pct
+from .tasks import EvalRun, register_task
+
+
+@dataclass
+class KNNConfig:
+    ks: list[int] = knob(factory=lambda: [10, 20, 200], gt=0)
+    temperature: float = knob(0.07, gt=0)
 
 
 @torch.no_grad()
@@ -38,3 +51,21 @@ def knn_accuracy(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.T
     scores = knn_scores(bank, bank_labels, queries, num_classes, ks, temperature)
     return {k: dict(top1=topk_correct(s, query_labels, 1).float().mean().item(),
                     top5=topk_correct(s, query_labels, 5).float().mean().item()) for k, s in scores.items()}
+
+
+@register_task("knn", config=KNNConfig)
+def run_knn(run: EvalRun) -> list[Record]:
+    """Weighted kNN on mean-pooled features: top-1 / top-5 for every k."""
+    train, val = run.features("train"), run.features("val")
+    if not run.accelerator.is_main_process:
+        return []
+    c = run.section
+    device = run.accelerator.device
+    acc = knn_accuracy(train.features.to(device), train.labels.to(device), val.features.to(device),
+                       val.labels.to(device), len(train.classes), c.ks, c.temperature)
+    run.say(format_table([(str(k), pct(v["top1"]), pct(v["top5"])) for k, v in acc.items()],
+                         ("k", "top-1 %", "top-5 %")))
+    records = []
+    for k, v in acc.items():
+        records += [run.record(f"top1@k={k}", v["top1"]), run.record(f"top5@k={k}", v["top5"])]
+    return records

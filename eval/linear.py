@@ -3,12 +3,27 @@ decays trained in one pass as parallel heads (SGD + momentum, cosine schedule), 
 part of the train split."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import LinearConfig
-from .grid import GridResult, grid, scheduled_step, stratified_holdout, summarise
+from jepa.config import knob
+
+from .grid import GridResult, grid, grid_records, scheduled_step, stratified_holdout, summarise
+from .results import Record, confusion_matrix, pct, plot_confusion
+from .tasks import EvalRun, register_task
+
+
+@dataclass
+class LinearConfig:
+    lrs: list[float] = knob(factory=lambda: [0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0], gt=0)
+    weight_decays: list[float] = knob(factory=lambda: [0.0, 0.0005, 0.005], ge=0)
+    epochs: int = knob(50, gt=0)
+    batch_size: int = knob(256, gt=0)
+    momentum: float = knob(0.9, ge=0)
+    holdout_fraction: float = knob(0.1, gt=0, lt=1)  # part of the train split kept out for selecting the head
 
 
 class ParallelLinearHeads(nn.Module):
@@ -66,3 +81,19 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tens
     held = _logits(model, train_x[held_idx], device)
     val = _logits(model, val_x, device)
     return summarise(settings, list(held), train_y[held_idx], list(val), val_y)
+
+
+@register_task("linear", config=LinearConfig)
+def run_linear(run: EvalRun) -> list[Record]:
+    """Linear probe (BatchNorm + linear, lr x wd grid) on pooled features; confusion matrix plot."""
+    train, val = run.features("train"), run.features("val")
+    if not run.accelerator.is_main_process:
+        return []
+    result = linear_probe(train.features, train.labels, val.features, val.labels, len(train.classes),
+                          run.section, run.cfg.seed, run.accelerator.device)
+    records = grid_records(run, result)
+    matrix = confusion_matrix(val.labels, result.val_predictions, len(train.classes))
+    path = plot_confusion(matrix, train.classes, run.out / "confusion_linear.png",
+                          f"linear probe, {run.encoder.name}\nval top-1 {pct(result.selected_head['val_top1'])}%")
+    run.say(f"confusion matrix: {path}")
+    return records

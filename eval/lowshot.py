@@ -9,25 +9,39 @@ training, so ``default_lambda`` is used and the record says so.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from data.subsets import TooFewSamplesError, per_class_choice, per_class_shuffled
+from jepa.config import knob
+
 from .grid import topk_correct
+from .results import Record, format_table, pct, plot_lowshot
+from .splits import parse_split_file
+from .tasks import EvalRun, register_task
+
+
+@dataclass
+class LowShotConfig:
+    shots: list[int] = knob(factory=lambda: [1, 2, 5, 13], gt=0)
+    seeds: list[int] = knob(factory=lambda: [0, 1, 2])
+    split_file: str = ""  # SimCLR-format subset file (ImageNet 1% / 10%): replaces the k-shot sweep
+    lambdas: list[float] = knob(factory=lambda: [1e-5, 1e-4, 1e-3, 1e-2, 1e-1], ge=0)  # L2 strengths
+    default_lambda: float = knob(1e-3, ge=0)  # used where cross-validation is impossible (one shot per class)
+    folds: int = knob(5, gt=0)  # at most; never more than the shots per class
+    max_iter: int = knob(300, gt=0)  # L-BFGS iterations per fit
 
 
 def sample_k_shot(labels: torch.Tensor, k: int, seed: int) -> torch.Tensor:
     """Sorted indices (C*k,) of exactly ``k`` samples of each class of labels (N,), the same for the same seed."""
-    rng = np.random.default_rng(seed)
-    labels_np = labels.cpu().numpy()
-    picked = []
-    for label in np.unique(labels_np):
-        members = np.flatnonzero(labels_np == label)
-        if len(members) < k:
-            raise ValueError(f"lowshot.shots has {k} but class {int(label)} has only {len(members)} train images")
-        picked += rng.choice(members, size=k, replace=False).tolist()
-    return torch.tensor(sorted(picked), dtype=torch.long)
+    try:
+        picked = per_class_choice(labels, k, seed)
+    except TooFewSamplesError as err:
+        raise ValueError(f"lowshot.shots has {k} but class {err.label} has only {err.count} train images") from None
+    return torch.tensor(picked, dtype=torch.long)
 
 
 def fit_logreg(x: torch.Tensor, y: torch.Tensor, num_classes: int, lam: float, max_iter: int = 300
@@ -52,11 +66,8 @@ def fit_logreg(x: torch.Tensor, y: torch.Tensor, num_classes: int, lam: float, m
 
 def stratified_folds(labels: torch.Tensor, folds: int, seed: int) -> torch.Tensor:
     """(N,) fold id of each sample: each class's samples dealt round-robin over ``folds`` after a shuffle."""
-    rng = np.random.default_rng(seed)
-    labels_np = labels.cpu().numpy()
-    fold = np.zeros(len(labels_np), dtype=np.int64)
-    for label in np.unique(labels_np):
-        members = rng.permutation(np.flatnonzero(labels_np == label))
+    fold = np.zeros(len(labels), dtype=np.int64)
+    for members in per_class_shuffled(labels, seed):
         fold[members] = np.arange(len(members)) % folds
     return torch.from_numpy(fold)
 
@@ -122,3 +133,38 @@ def summarise_runs(runs: list[LowShotRun]) -> dict[int, tuple[float, float, int]
         values = np.array([r.top1 for r in runs if r.shots == k])
         out[k] = (float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0, len(values))
     return out
+
+
+@register_task("lowshot", config=LowShotConfig)
+def run_lowshot(run: EvalRun) -> list[Record]:
+    """Low-shot logistic regression: a k-shot sweep over seeds (mean ± std, plot), or a split file's subset."""
+    c = run.section
+    indices = parse_split_file(c.split_file, run.data, "train") if c.split_file else None
+    train, val = run.features("train", indices=indices), run.features("val")
+    if not run.accelerator.is_main_process:
+        return []
+    num_classes = len(train.classes)
+    if c.split_file:
+        result = probe_subset(train.features, train.labels, torch.arange(len(train.labels)), val.features,
+                              val.labels, num_classes, c.lambdas, c.folds, c.default_lambda, run.cfg.seed, c.max_iter)
+        run.say(format_table([(Path(c.split_file).name, str(result.num_labelled), pct(result.top1),
+                               pct(result.top5), f"{result.lam:g}", result.lam_selection)],
+                             ("split file", "labelled", "top-1 %", "top-5 %", "lambda", "lambda chosen by")))
+        extra = dict(split_file=str(c.split_file), num_labelled=result.num_labelled, lam=result.lam,
+                     lam_selection=result.lam_selection)
+        return [run.record("top1_split_file", result.top1, **extra), run.record("top5_split_file", result.top5, **extra)]
+    runs = k_shot_sweep(train.features, train.labels, val.features, val.labels, num_classes, c.shots, c.seeds,
+                        c.lambdas, c.folds, c.default_lambda, c.max_iter)
+    summary = summarise_runs(runs)
+    run.say(format_table([(str(k), f"{100 * m:.2f} ± {100 * s:.2f}", str(n),
+                           " ".join(f"{r.lam:g}" for r in runs if r.shots == k)) for k, (m, s, n) in summary.items()],
+                         ("shots/class", "val top-1 % (mean ± std)", "seeds", "lambda per seed")))
+    records = [run.record(f"top1@{r.shots}shot", r.top1, seed=r.seed, lam=r.lam, lam_selection=r.lam_selection)
+               for r in runs]
+    for k, (mean, std, n) in summary.items():
+        records += [run.record(f"top1@{k}shot_mean", mean, seeds=c.seeds),
+                    run.record(f"top1@{k}shot_std", std, seeds=c.seeds)]
+    path = plot_lowshot(summary, run.out / "lowshot.png",
+                        f"low-shot logistic regression\n{run.encoder.name} (mean ± std over {len(c.seeds)} seeds)")
+    run.say(f"plot: {path}")
+    return records

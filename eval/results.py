@@ -39,6 +39,11 @@ def format_table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> str:
     return "\n".join([fmt(header), line, *(fmt(r) for r in rows)])
 
 
+def pct(fraction: float) -> str:
+    """0.4321 -> '43.21' (tables print percentages)."""
+    return f"{100 * fraction:.2f}"
+
+
 def _pyplot():
     import matplotlib
 

@@ -5,9 +5,10 @@ import sys
 
 import pytest
 
-from eval.config import ConfigError, load_eval_config
 from eval.splits import write_split_file
+from eval.tasks import load_eval_config
 from jepa.cli import main
+from jepa.config import ConfigError
 
 from conftest import REPO
 from eval_helpers import make_checkpoint

@@ -3,11 +3,10 @@ k-shot sampling; the parallel-head grid really trains different heads."""
 import pytest
 import torch
 
-from eval.attentive import attentive_probe
-from eval.config import AttentiveConfig, LinearConfig
+from eval.attentive import AttentiveConfig, attentive_probe
 from eval.grid import stratified_holdout
 from eval.knn import knn_accuracy
-from eval.linear import linear_probe
+from eval.linear import LinearConfig, linear_probe
 from eval.lowshot import choose_lambda, k_shot_sweep, sample_k_shot, summarise_runs
 
 CLASSES, DIM = 5, 32

@@ -1,6 +1,7 @@
 import torch
 
-from jepa.monitors import CollapseMonitor, effective_rank, knn_predict
+from eval.knn import knn_scores
+from jepa.monitors import CollapseMonitor, effective_rank
 
 
 def test_effective_rank_closed_forms():
@@ -24,9 +25,9 @@ def test_collapse_monitor_warns_on_std_and_rank_drop():
     assert not any("target" in w for w in warnings)
 
 
-def test_knn_predict_votes():
+def test_knn_votes():
     bank = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]]), dim=1)
     labels = torch.tensor([0, 0, 1, 1])
     queries = torch.nn.functional.normalize(torch.tensor([[1.0, 0.05], [0.05, 1.0]]), dim=1)
-    scores = knn_predict(bank, labels, queries, num_classes=2, k=2)
+    scores = knn_scores(bank, labels, queries, num_classes=2, ks=[2])[2]
     assert scores.argmax(1).tolist() == [0, 1]

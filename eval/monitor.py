@@ -1,0 +1,52 @@
+"""The training kNN monitor: kNN top-1 of the method's monitor encoder on fixed labelled subsets, with the eval kNN
+(``eval.knn``) on the eval pooling (``eval.features.pool_layers``).
+
+    monitor = build_knn_monitor(cfg.data.root, img_size, cfg.monitor, num_workers, cfg.trainer.seed)
+    accuracy = monitor(encoder, device, accelerator.autocast)  # the trainer logs it as monitor/knn
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterable
+
+import torch
+import torch.nn as nn
+
+from data.labelled import build_labelled_loader
+
+from .features import encode_batches, pool_layers
+from .knn import knn_accuracy
+
+
+class KNNMonitor:
+    """kNN (cosine, k, temperature) top-1 accuracy: bank = labelled train subset, queries = val subset; features are
+    the encoder's last-layer tokens (B, N, D), mean-pooled."""
+
+    name = "knn"
+
+    def __init__(self, bank_loader: Iterable, query_loader: Iterable, num_classes: int, k: int = 20,
+                 temperature: float = 0.07):
+        self.bank_loader, self.query_loader = bank_loader, query_loader
+        self.num_classes, self.k, self.temperature = num_classes, k, temperature
+
+    def __call__(self, encoder: nn.Module, device: torch.device, autocast=contextlib.nullcontext) -> float:
+        was_training = encoder.training
+        encoder.eval()
+        try:
+            encode = lambda images: pool_layers([encoder(images)])  # noqa: E731
+            bank, bank_labels = encode_batches(self.bank_loader, encode, device, autocast)
+            queries, query_labels = encode_batches(self.query_loader, encode, device, autocast)
+        finally:
+            encoder.train(was_training)
+        accuracy = knn_accuracy(bank, bank_labels, queries, query_labels, self.num_classes, [self.k], self.temperature)
+        return accuracy[self.k]["top1"]
+
+
+def build_knn_monitor(root: str, img_size: int, monitor_cfg, num_workers: int, seed: int) -> KNNMonitor:
+    """The monitor over ``monitor_cfg.bank_per_class`` train and ``query_per_class`` val images per class (0: the whole
+    split); ``monitor_cfg`` has ``knn_k``, ``knn_temperature``, ``bank_per_class``, ``query_per_class``,
+    ``batch_size`` (``jepa.sections.MonitorConfig``)."""
+    m = monitor_cfg
+    bank = build_labelled_loader(root, "train", img_size, m.bank_per_class, m.batch_size, num_workers, seed=seed)
+    queries = build_labelled_loader(root, "val", img_size, m.query_per_class, m.batch_size, num_workers, seed=seed)
+    return KNNMonitor(bank, queries, num_classes=len(bank.dataset.classes), k=m.knn_k, temperature=m.knn_temperature)
