@@ -28,7 +28,7 @@ def test_kept_subset_with_padding_matches_unpadded():
 
 @pytest.mark.parametrize("size", [(32, 32), (48, 80), (96, 64)])
 def test_vit_runs_at_other_resolutions(size):
-    out = tiny_vit(img_size=32)(torch.randn(1, 3, *size))
+    out = tiny_vit()(torch.randn(1, 3, *size))
     assert out.shape == (1, size[0] // 8 * size[1] // 8, 64)
 
 
