@@ -152,7 +152,8 @@ def run_lowshot(run: EvalRun) -> list[Record]:
                              ("split file", "labelled", "top-1 %", "top-5 %", "lambda", "lambda chosen by")))
         extra = dict(split_file=str(c.split_file), num_labelled=result.num_labelled, lam=result.lam,
                      lam_selection=result.lam_selection)
-        return [run.record("top1_split_file", result.top1, **extra), run.record("top5_split_file", result.top5, **extra)]
+        return [run.record("top1_split_file", result.top1, **extra),
+                run.record("top5_split_file", result.top5, **extra)]
     runs = k_shot_sweep(train.features, train.labels, val.features, val.labels, num_classes, c.shots, c.seeds,
                         c.lambdas, c.folds, c.default_lambda, c.max_iter)
     summary = summarise_runs(runs)
