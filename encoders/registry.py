@@ -20,7 +20,7 @@ import torch.nn as nn
 
 _ENCODERS: dict[str, Callable[..., nn.Module]] = {}
 _PREFIXES: dict[str, Callable[..., nn.Module]] = {}  # 'cnn:' -> builder(name_after_prefix, **options)
-_ENCODER_MODULES = ("vit", "cnn")  # each module registers its encoders on import
+_ENCODER_MODULES = ("vit", "cnn", "vit_video")  # each module registers its encoders on import
 
 
 def register_encoder(name: str, prefix: bool = False):
