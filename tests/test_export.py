@@ -110,7 +110,8 @@ def test_cnn_export_to_timm(tmp_path):
     import timm
 
     run = tmp_path / "cnn_run"
-    make_checkpoint(run, "model.encoder=cnn:resnet10t", "data.img_size=64", seed=7)
+    make_checkpoint(run, "model.encoder=cnn:resnet10t", "model.depth=null", "model.embed_dim=null", "model.num_heads=null",
+                    "data.img_size=64", seed=7)
     out = export_encoder(run, "timm", tmp_path / "cnn_timm")
     encoder, _, _ = load_checkpoint_encoder(run)
     x = images(2, 64, seed=2)
