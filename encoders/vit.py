@@ -47,7 +47,33 @@ def gather_tokens(tokens: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return torch.gather(tokens, 1, idx.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
 
 
-class VisionTransformer(nn.Module):
+class TokenTransformer(nn.Module):
+    """The kept-token forward shared by our ViTs: a subclass builds ``blocks`` and ``norm`` and defines
+    ``embed_tokens(x, keep_idx) -> (tokens (B, K, D), extra keyword arguments of every block)``."""
+
+    def _run(self, x, keep_idx, key_padding_mask, keep_from: int) -> list[torch.Tensor]:
+        """Outputs (B, K, D) of the blocks from index ``keep_from`` on, before the final norm."""
+        tokens, extra = self.embed_tokens(x, keep_idx)
+        attn_mask = None if key_padding_mask is None else (~key_padding_mask)[:, None, None, :]
+        kept = []
+        for i, block in enumerate(self.blocks):
+            tokens = block(tokens, attn_mask=attn_mask, **extra)
+            if i >= keep_from:
+                kept.append(tokens)
+        return kept
+
+    def forward(self, x, keep_idx=None, key_padding_mask=None) -> torch.Tensor:
+        return self.norm(self._run(x, keep_idx, key_padding_mask, len(self.blocks) - 1)[-1])
+
+    def intermediate_layers(self, x, count: int, keep_idx=None, key_padding_mask=None) -> list[torch.Tensor]:
+        """The final-normed outputs of the last ``count`` blocks, oldest first: ``count`` x (B, K, D); the last one
+        equals ``forward``."""
+        if not 1 <= count <= len(self.blocks):
+            raise ValueError(f"intermediate layers: count {count} must be in [1, {len(self.blocks)}] (the depth)")
+        return [self.norm(out) for out in self._run(x, keep_idx, key_padding_mask, len(self.blocks) - count)]
+
+
+class VisionTransformer(TokenTransformer):
     """ViT without a class token (the encoder protocol of ``encoders.registry``).
 
     forward(images (B, C, H, W), keep_idx (B, K) long | None, key_padding_mask (B, K) bool | None) -> (B, K, D)
@@ -89,26 +115,8 @@ class VisionTransformer(nn.Module):
         tokens = tokens + table.unsqueeze(0)
         return tokens if keep_idx is None else gather_tokens(tokens, keep_idx)
 
-    def _run(self, images, keep_idx, key_padding_mask, keep_from: int) -> list[torch.Tensor]:
-        """Outputs (B, K, D) of the blocks from index ``keep_from`` on, before the final norm."""
-        x = self.embed(images, keep_idx)
-        attn_mask = None if key_padding_mask is None else (~key_padding_mask)[:, None, None, :]
-        kept = []
-        for i, block in enumerate(self.blocks):
-            x = block(x, attn_mask=attn_mask)
-            if i >= keep_from:
-                kept.append(x)
-        return kept
-
-    def forward(self, images, keep_idx=None, key_padding_mask=None) -> torch.Tensor:
-        return self.norm(self._run(images, keep_idx, key_padding_mask, len(self.blocks) - 1)[-1])
-
-    def intermediate_layers(self, images, count: int, keep_idx=None, key_padding_mask=None) -> list[torch.Tensor]:
-        """The final-normed outputs of the last ``count`` blocks, oldest first: ``count`` x (B, K, D); the last one
-        equals ``forward``."""
-        if not 1 <= count <= len(self.blocks):
-            raise ValueError(f"intermediate layers: count {count} must be in [1, {len(self.blocks)}] (the depth)")
-        return [self.norm(x) for x in self._run(images, keep_idx, key_padding_mask, len(self.blocks) - count)]
+    def embed_tokens(self, images, keep_idx=None) -> tuple[torch.Tensor, dict]:
+        return self.embed(images, keep_idx), {}
 
 
 def _layer_norm(dim: int, **factory_kwargs) -> nn.LayerNorm:
@@ -126,7 +134,7 @@ def init_vit_weights(model: nn.Module) -> None:
         elif isinstance(module, nn.LayerNorm):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Conv2d):
+        elif isinstance(module, (nn.Conv2d, nn.Conv3d)):
             nn.init.trunc_normal_(module.weight, std=0.02)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)

@@ -28,7 +28,8 @@ Positions (``pos``), computed for the actual grid of each input, so any T x H x 
 Blocks: timm's ``Block`` for ``sincos``; for ``rope`` the same block with timm's ``AttentionRope`` (fused ``qkv``,
 SDPA, no prefix tokens) fed the rotation table. Both keep timm's parameter names (``patch_embed.proj``,
 ``blocks.i.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}``, ``norm``). LayerNorm eps 1e-6, GELU, I-JEPA
-initialisation (``encoders.vit.init_vit_weights``; the Conv3d gets the same truncated normal).
+initialisation (``encoders.vit.init_vit_weights``, the Conv3d included). The kept-token forward is
+``encoders.vit.TokenTransformer``'s.
 """
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ from timm.models.vision_transformer import Block
 from .layers import drop_path_rates
 from .pos_embed import sincos_1d, sincos_table
 from .registry import register_encoder
-from .vit import VIT_SIZES, _layer_norm, gather_tokens, init_vit_weights
+from .vit import VIT_SIZES, TokenTransformer, _layer_norm, gather_tokens, init_vit_weights
 
 POSITIONS = ("sincos", "rope")
 VIDEO_SIZES = ("tiny", "small", "base", "large", "huge")  # vit_video_<size>, sizes of encoders.vit.VIT_SIZES
@@ -98,7 +99,7 @@ class RopeBlock(Block):
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
 
-class VideoTransformer(nn.Module):
+class VideoTransformer(TokenTransformer):
     """Video ViT without a class token (the encoder protocol of ``encoders.registry``).
 
     forward(video (B, C, T, H, W) or image (B, C, H, W), keep_idx (B, K) long | None, key_padding_mask (B, K) bool
@@ -136,8 +137,6 @@ class VideoTransformer(nn.Module):
         self.blocks = nn.ModuleList(blocks)
         self.norm = _layer_norm(embed_dim)
         init_vit_weights(self)
-        nn.init.trunc_normal_(self.patch_embed.proj.weight, std=0.02)
-        nn.init.zeros_(self.patch_embed.proj.bias)
 
     def token_grid(self, input_shape) -> tuple[int, int, int]:
         """(C, T, H, W) -> (T/t, H/p, W/p); an image (C, H, W) or a one-frame clip -> (1, H/p, W/p)."""
@@ -184,26 +183,9 @@ class VideoTransformer(nn.Module):
                 rope = gather_tokens(rope.expand(len(keep_idx), -1, -1), keep_idx).unsqueeze(1)
         return (tokens if keep_idx is None else gather_tokens(tokens, keep_idx)), rope
 
-    def _run(self, x, keep_idx, key_padding_mask, keep_from: int) -> list[torch.Tensor]:
-        """Outputs (B, K, D) of the blocks from index ``keep_from`` on, before the final norm."""
+    def embed_tokens(self, x, keep_idx=None) -> tuple[torch.Tensor, dict]:
         tokens, rope = self.embed(x, keep_idx)
-        attn_mask = None if key_padding_mask is None else (~key_padding_mask)[:, None, None, :]
-        extra = {} if rope is None else {"rope": rope}
-        outputs = []
-        for i, block in enumerate(self.blocks):
-            tokens = block(tokens, attn_mask=attn_mask, **extra)
-            if i >= keep_from:
-                outputs.append(tokens)
-        return outputs
-
-    def forward(self, x, keep_idx=None, key_padding_mask=None) -> torch.Tensor:
-        return self.norm(self._run(x, keep_idx, key_padding_mask, len(self.blocks) - 1)[-1])
-
-    def intermediate_layers(self, x, count: int, keep_idx=None, key_padding_mask=None) -> list[torch.Tensor]:
-        """Final-normed outputs of the last ``count`` blocks, oldest first (the last equals ``forward``)."""
-        if not 1 <= count <= len(self.blocks):
-            raise ValueError(f"intermediate layers: count {count} must be in [1, {len(self.blocks)}] (the depth)")
-        return [self.norm(out) for out in self._run(x, keep_idx, key_padding_mask, len(self.blocks) - count)]
+        return tokens, ({} if rope is None else {"rope": rope})
 
 
 def _video_builder(size: str):
