@@ -1,5 +1,5 @@
 """Encoder-only export of a training checkpoint: timm hub folder, Hugging Face ``IJepaModel`` folder, plain
-safetensors, or ONNX; and the inverse (``load_export``) so that evaluation can start from any export.
+safetensors, ONNX, or (video ViTs with 3-D RoPE) a ``VJEPA2Model`` folder; and the inverse (``load_export``) so that evaluation can start from any export.
 
     jepa export --ckpt outputs/run --to timm --out exports/vit_s16
 
@@ -33,7 +33,9 @@ Every export folder holds ``config.yaml`` (the training config the encoder was b
   ``image_size`` = S) and ``model.safetensors`` in the hub checkpoint naming that every transformers version
   reads (the name table: ``jepa/hf_mapping.py``; ``embeddings.position_embeddings`` = the sin-cos table).
   ``IJepaModel.from_pretrained(folder)(pixel_values).last_hidden_state`` equals ``encoder(x)``.
-- ``onnx``: ``encoder.onnx``, input ``images`` (B, 3, S, S) -> output ``tokens`` (B, N, D), dynamic batch axis;
+- ``vjepa2`` (video ViT, ``model.pos=rope``): a ``transformers.VJEPA2Model`` folder (``jepa/export_vjepa2.py``:
+  the name table, a placeholder predictor, the architectural differences); checked with ``from_pretrained``.
+- ``onnx``: ``encoder.onnx``, input ``images`` (B, 3, S, S) (clips (B, 3, T, S, S) for video encoders) -> output ``tokens`` (B, N, D), dynamic batch axis;
   checked against the PyTorch encoder with onnxruntime when it is installed.
 """
 from __future__ import annotations
@@ -56,7 +58,7 @@ from .hf_mapping import from_hf, to_hf
 from .methods import get_method
 from .reader import EncoderReadError, load_checkpoint_encoder, load_strict, read_weights
 
-FORMATS = ("timm", "hf", "safetensors", "onnx")
+FORMATS = ("timm", "hf", "safetensors", "onnx", "vjepa2")
 # eval transform statistics (data.transforms; jepa/ does not import data/)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -173,9 +175,22 @@ class _TokensOnly(nn.Module):
         return self.encoder(images)
 
 
+def example_input(cfg, img_size: int, batch: int, seed: int) -> torch.Tensor:
+    """A seeded input of the encoder's kind: images (B, 3, S, S), or clips (B, 3, T, S, S) for video methods."""
+    frames = getattr(cfg.data, "frames_per_clip", None)
+    shape = (batch, 3, img_size, img_size) if frames is None else (batch, 3, frames, img_size, img_size)
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def write_vjepa2(encoder: nn.Module, cfg, img_size: int, out: Path) -> dict:
+    from .export_vjepa2 import to_vjepa2
+
+    return to_vjepa2(encoder, out, cfg.data.frames_per_clip, img_size)
+
+
 def write_onnx(encoder: nn.Module, cfg, img_size: int, out: Path) -> dict:
     path = out / "encoder.onnx"
-    example = torch.randn(2, 3, img_size, img_size, generator=torch.Generator().manual_seed(0))
+    example = example_input(cfg, img_size, 2, seed=0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings about shape checks on constant sizes
         torch.onnx.export(_TokensOnly(encoder).eval(), (example,), str(path), input_names=["images"],
@@ -187,7 +202,7 @@ def write_onnx(encoder: nn.Module, cfg, img_size: int, out: Path) -> dict:
     except ImportError:
         return info
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    check = torch.randn(3, 3, img_size, img_size, generator=torch.Generator().manual_seed(1))
+    check = example_input(cfg, img_size, 3, seed=1)
     (got,) = session.run(["tokens"], {"images": check.numpy()})
     with torch.no_grad():
         want = encoder(check)
@@ -198,7 +213,8 @@ def write_onnx(encoder: nn.Module, cfg, img_size: int, out: Path) -> dict:
     return info
 
 
-WRITERS = {"timm": write_timm, "hf": write_hf, "safetensors": write_safetensors, "onnx": write_onnx}
+WRITERS = {"timm": write_timm, "hf": write_hf, "safetensors": write_safetensors, "onnx": write_onnx,
+           "vjepa2": write_vjepa2}
 
 
 def export_encoder(ckpt: str | Path, fmt: str, out: str | Path, which: str | None = None,
@@ -246,6 +262,10 @@ def load_export(path: str | Path) -> tuple[nn.Module, object, dict]:
         state.pop("pos_embed", None)
     elif fmt == "hf":
         state = from_hf(read_weights(path / "model.safetensors"), len(encoder.blocks))
+    elif fmt == "vjepa2":
+        from .export_vjepa2 import from_vjepa2
+
+        state = from_vjepa2(path)
     else:
         raise ExportError(f"export '{path}' has format {fmt!r}; evaluation reads safetensors, timm or hf exports "
                           f"(ONNX is for deployment: evaluate its source checkpoint {meta.get('source')!r} instead)")

@@ -56,13 +56,15 @@ from safetensors.torch import save_file
 
 from encoders.vit_video import VideoTransformer
 
-from .hf_mapping import _rename
+from .hf_mapping import NameTable
 from .reader import read_weights
 
-TOP = (("patch_embed.proj", "encoder.embeddings.patch_embeddings.proj"), ("norm", "encoder.layernorm"))
-BLOCK = (("norm1", "norm1"), ("attn.proj", "attention.proj"), ("norm2", "norm2"), ("mlp.fc1", "mlp.fc1"),
-         ("mlp.fc2", "mlp.fc2"))
-QKV, QKV_PARTS = "attn.qkv", ("query", "key", "value")
+VJEPA2 = NameTable(
+    top=(("patch_embed.proj", "encoder.embeddings.patch_embeddings.proj"), ("norm", "encoder.layernorm")),
+    block=(("norm1", "norm1"), ("attn.proj", "attention.proj"), ("norm2", "norm2"), ("mlp.fc1", "mlp.fc1"),
+           ("mlp.fc2", "mlp.fc2")),
+    qkv="attention.{part}",
+)
 PLACEHOLDER_PREDICTOR = dict(pred_hidden_size=64, pred_num_attention_heads=1, pred_num_hidden_layers=1,
                              pred_mlp_ratio=4.0, pred_num_mask_tokens=10, pred_zero_init_mask_tokens=True)
 
@@ -71,36 +73,14 @@ class VJEPA2ExportError(ValueError):
     """An encoder that ``VJEPA2Model`` cannot represent, a bad export size, or a folder that is not an export."""
 
 
-def vjepa2_pairs(depth: int) -> list[tuple[str, str]]:
-    """(our module prefix, ``VJEPA2Model`` prefix) for every one-to-one mapped module."""
-    pairs = list(TOP)
-    for i in range(depth):
-        pairs += [(f"blocks.{i}.{ours}", f"encoder.layer.{i}.{theirs}") for ours, theirs in BLOCK]
-    return pairs
-
-
-def _qkv_keys(depth: int) -> list[tuple[str, list[str]]]:
-    """(our fused qkv key, its three ``VJEPA2Model`` keys) for weights and biases of every block."""
-    return [(f"blocks.{i}.{QKV}.{kind}", [f"encoder.layer.{i}.attention.{part}.{kind}" for part in QKV_PARTS])
-            for i in range(depth) for kind in ("weight", "bias")]
-
-
 def to_vjepa2_state(state: dict[str, torch.Tensor], depth: int) -> dict[str, torch.Tensor]:
     """Our video ViT state dict -> ``VJEPA2Model`` encoder keys."""
-    out = _rename(state, vjepa2_pairs(depth))
-    for fused, parts in _qkv_keys(depth):
-        if fused in state:
-            out.update(zip(parts, state[fused].chunk(3, dim=0)))
-    return {k: v.contiguous() for k, v in out.items()}
+    return VJEPA2.to_theirs(state, depth)
 
 
 def from_vjepa2_state(hf: dict[str, torch.Tensor], depth: int) -> dict[str, torch.Tensor]:
     """The inverse of ``to_vjepa2_state``; ``predictor.*`` keys are dropped."""
-    out = _rename(hf, [(theirs, ours) for ours, theirs in vjepa2_pairs(depth)])
-    for fused, parts in _qkv_keys(depth):
-        if parts[0] in hf:
-            out[fused] = torch.cat([hf[part] for part in parts], 0)
-    return out
+    return VJEPA2.to_ours(hf, depth)
 
 
 def vjepa2_config(encoder: VideoTransformer, frames: int, img_size: int, predictor: dict | None = None):

@@ -1,4 +1,5 @@
-"""One weight-name table between our ViT and the Hugging Face ``IJepaModel`` hub checkpoint, read in both directions.
+"""Weight-name tables between our ViTs and Hugging Face checkpoints, each read in both directions (``IJEPA`` here:
+``IJepaModel``; ``jepa.export_vjepa2``: ``VJEPA2Model``).
 
 Ours (timm ``Block`` names) -> HF: ``patch_embed.proj`` -> ``embeddings.patch_embeddings.projection``,
 ``norm`` -> ``layernorm``, and per block ``i``: ``attn.proj`` -> ``attention.output.dense``, ``norm1`` /
@@ -8,49 +9,68 @@ Ours (timm ``Block`` names) -> HF: ``patch_embed.proj`` -> ``embeddings.patch_em
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-TOP = (("patch_embed.proj", "embeddings.patch_embeddings.projection"), ("norm", "layernorm"))
-BLOCK = (("attn.proj", "attention.output.dense"), ("norm1", "layernorm_before"), ("norm2", "layernorm_after"),
-         ("mlp.fc1", "intermediate.dense"), ("mlp.fc2", "output.dense"))
-QKV, QKV_PARTS = "attn.qkv", ("query", "key", "value")
 POSITIONS = "embeddings.position_embeddings"
 
 
-def name_pairs(depth: int) -> list[tuple[str, str]]:
-    """(our parameter prefix, HF prefix) for every one-to-one mapped module."""
-    pairs = list(TOP)
-    for i in range(depth):
-        pairs += [(f"blocks.{i}.{ours}", f"encoder.layer.{i}.{hf}") for ours, hf in BLOCK]
-    return pairs
+@dataclass(frozen=True)
+class NameTable:
+    """Module-prefix pairs (ours, theirs) for the top level and each block ``i`` (theirs under ``layer``), and where
+    their separate query/key/value of our fused ``attn.qkv`` sit in a block (``qkv``, with ``{part}``)."""
+
+    top: tuple[tuple[str, str], ...]
+    block: tuple[tuple[str, str], ...]
+    layer: str = "encoder.layer.{i}"
+    qkv: str = "attention.attention.{part}"
+
+    def pairs(self, depth: int) -> list[tuple[str, str]]:
+        out = list(self.top)
+        for i in range(depth):
+            out += [(f"blocks.{i}.{ours}", f"{self.layer.format(i=i)}.{theirs}") for ours, theirs in self.block]
+        return out
+
+    def qkv_keys(self, depth: int) -> list[tuple[str, list[str]]]:
+        """(our fused qkv key, their three keys) for weights and biases of every block."""
+        return [(f"blocks.{i}.attn.qkv.{kind}",
+                 [f"{self.layer.format(i=i)}.{self.qkv.format(part=part)}.{kind}" for part in ("query", "key", "value")])
+                for i in range(depth) for kind in ("weight", "bias")]
+
+    def to_theirs(self, state: dict[str, torch.Tensor], depth: int) -> dict[str, torch.Tensor]:
+        out = rename_modules(state, self.pairs(depth))
+        for fused, parts in self.qkv_keys(depth):
+            if fused in state:
+                out.update(zip(parts, state[fused].chunk(3, dim=0)))
+        return {k: v.contiguous() for k, v in out.items()}
+
+    def to_ours(self, theirs: dict[str, torch.Tensor], depth: int) -> dict[str, torch.Tensor]:
+        out = rename_modules(theirs, [(t, o) for o, t in self.pairs(depth)])
+        for fused, parts in self.qkv_keys(depth):
+            if parts[0] in theirs:
+                out[fused] = torch.cat([theirs[part] for part in parts], 0)
+        return out
 
 
-def _rename(state: dict[str, torch.Tensor], pairs: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
+def rename_modules(state: dict[str, torch.Tensor], pairs: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
     """``{new.weight/bias: state[old.weight/bias]}`` for every (old, new) module prefix present in ``state``."""
     return {f"{new}.{kind}": state[f"{old}.{kind}"] for old, new in pairs for kind in ("weight", "bias")
             if f"{old}.{kind}" in state}
 
 
-def _qkv_names(depth: int, kind: str):
-    return [(f"blocks.{i}.{QKV}.{kind}", [f"encoder.layer.{i}.attention.attention.{part}.{kind}" for part in QKV_PARTS])
-            for i in range(depth)]
+IJEPA = NameTable(
+    top=(("patch_embed.proj", "embeddings.patch_embeddings.projection"), ("norm", "layernorm")),
+    block=(("attn.proj", "attention.output.dense"), ("norm1", "layernorm_before"), ("norm2", "layernorm_after"),
+           ("mlp.fc1", "intermediate.dense"), ("mlp.fc2", "output.dense")),
+)
 
 
 def to_hf(state: dict[str, torch.Tensor], depth: int, positions: torch.Tensor) -> dict[str, torch.Tensor]:
     """Our ViT state dict -> IJepaModel keys; ``positions`` (1, N, D) is written as the position table."""
-    out = {POSITIONS: positions, **_rename(state, name_pairs(depth))}
-    for kind in ("weight", "bias"):
-        for fused, parts in _qkv_names(depth, kind):
-            if fused in state:
-                out.update(zip(parts, state[fused].chunk(3, dim=0)))
-    return {k: v.contiguous() for k, v in out.items()}
+    return {POSITIONS: positions.contiguous(), **IJEPA.to_theirs(state, depth)}
 
 
 def from_hf(hf: dict[str, torch.Tensor], depth: int) -> dict[str, torch.Tensor]:
     """The inverse of ``to_hf`` (the position table is dropped: ours is computed)."""
-    out = _rename(hf, [(theirs, ours) for ours, theirs in name_pairs(depth)])
-    for kind in ("weight", "bias"):
-        for fused, parts in _qkv_names(depth, kind):
-            if parts[0] in hf:
-                out[fused] = torch.cat([hf[part] for part in parts], 0)
-    return out
+    return IJEPA.to_ours(hf, depth)
