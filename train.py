@@ -10,10 +10,9 @@ import sys
 
 import torch
 
-from data.folder import scan_split
 from data.loaders import build_pretrain_loader
 from data.transforms import DeviceNormalize
-from eval.monitor import build_knn_monitor
+from eval.monitor import build_training_monitors
 from jepa.config import load_config
 from jepa.methods import get_method
 from jepa.trainer import Trainer, make_accelerator
@@ -27,17 +26,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[str | None, list[str]]:
     return args.config, args.overrides
 
 
-def build_monitors(cfg) -> list:
-    m = cfg.monitor
-    return [build_knn_monitor(cfg.data.root, m.knn_img_size or cfg.data.img_size, m, min(cfg.data.num_workers, 4),
-                              cfg.trainer.seed)]
-
-
 def main(argv: list[str] | None = None) -> dict:
     config_path, overrides = parse_args(argv)
     cfg = load_config(config_path, overrides)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    scan_split(cfg.data.root, "train")  # fail early, with the expected layout, on a bad data.root
     torch.manual_seed(cfg.trainer.seed)
     accelerator = make_accelerator(cfg)
     spec = get_method(cfg.method)
@@ -45,7 +37,7 @@ def main(argv: list[str] | None = None) -> dict:
     loader, batch_sampler = build_pretrain_loader(spec.pipeline, cfg, parts.token_grid, accelerator.process_index,
                                                   accelerator.num_processes,
                                                   pin_memory=accelerator.device.type == "cuda")
-    trainer = Trainer(cfg, parts, loader, batch_sampler, build_monitors(cfg), accelerator,
+    trainer = Trainer(cfg, parts, loader, batch_sampler, build_training_monitors(cfg), accelerator,
                       device_transform=DeviceNormalize())
     state = trainer.fit()
     knn = {int(k.split("@")[1]): v for k, v in state.monitors.items() if k.startswith("knn@")}

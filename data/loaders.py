@@ -7,6 +7,7 @@ A pipeline builder ``fn(cfg, token_grid, rank, world_size, pin_memory) -> (DataL
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -70,5 +71,45 @@ def masked_images(cfg, token_grid: tuple[int, ...], rank: int = 0, world_size: i
     batch_sampler = EpochBatchSampler(len(dataset), d.batch_size, seed=cfg.trainer.seed, rank=rank,
                                       world_size=world_size)
     loader = _loader(dataset, batch_sampler, MaskCollator(mask_sampler_from_config(cfg, token_grid), cfg.trainer.seed),
+                     cfg, pin_memory)
+    return loader, batch_sampler
+
+
+def clip_mask_samplers(cfg, token_grid: tuple[int, ...]) -> list[MultiBlockMaskSampler]:
+    """One sampler per V-JEPA block set (``masks.short_range``, ``masks.long_range``): the union of the set's blocks
+    is the target, the rest of the clip the context."""
+    m = cfg.masks
+    return [MultiBlockMaskSampler(token_grid, num_targets=s.num_blocks, target_scale=s.spatial_scale,
+                                  target_aspect=s.aspect, target_leading_scale=s.temporal_scale, num_context=0,
+                                  target_union=True, min_keep=m.min_keep, equalize=m.equalize,
+                                  reachable_edges=m.reachable_edges)
+            for s in (m.short_range, m.long_range)]
+
+
+def clip_source(cfg, split: str):
+    """Where the clips of ``split`` are listed: ``data.<split>_manifest`` or the class folders ``data.root/<split>``."""
+    manifest = getattr(cfg.data, f"{split}_manifest")
+    if manifest:
+        return manifest
+    if not cfg.data.root:
+        raise ValueError(f"config keys 'data.root' and 'data.{split}_manifest' are both empty (expected a folder with "
+                         f"{split}/<class>/*.mp4 or a manifest of '<path> <label>' lines)")
+    return Path(cfg.data.root) / split
+
+
+@register_pipeline("masked_clips")
+def masked_clips(cfg, token_grid: tuple[int, ...], rank: int = 0, world_size: int = 1, pin_memory: bool = True):
+    """Random clips (one random-resized crop for all their frames, uint8 (C, T, H, W)) decoded by decord in the
+    workers, with V-JEPA's short- and long-range masks on ``token_grid``."""
+    from .video import VideoClipDataset, video_pretrain_transform  # decord is needed only for video
+
+    d = cfg.data
+    dataset = VideoClipDataset(clip_source(cfg, "train"), video_pretrain_transform(d.img_size, d.crop_scale, d.hflip),
+                               frames_per_clip=d.frames_per_clip, frame_step=d.frame_step, sampling="random",
+                               label_column=d.label_column, on_corrupt=d.on_corrupt, seed=cfg.trainer.seed,
+                               num_threads=d.decode_threads)
+    batch_sampler = EpochBatchSampler(len(dataset), d.batch_size, seed=cfg.trainer.seed, rank=rank,
+                                      world_size=world_size)
+    loader = _loader(dataset, batch_sampler, MaskCollator(clip_mask_samplers(cfg, token_grid), cfg.trainer.seed),
                      cfg, pin_memory)
     return loader, batch_sampler

@@ -50,3 +50,33 @@ def build_knn_monitor(root: str, img_size: int, monitor_cfg, num_workers: int, s
     bank = build_labelled_loader(root, "train", img_size, m.bank_per_class, m.batch_size, num_workers, seed=seed)
     queries = build_labelled_loader(root, "val", img_size, m.query_per_class, m.batch_size, num_workers, seed=seed)
     return KNNMonitor(bank, queries, num_classes=len(bank.dataset.classes), k=m.knn_k, temperature=m.knn_temperature)
+
+
+def build_video_knn_monitor(cfg) -> KNNMonitor:
+    """The kNN monitor of a clip-data config (``data.frames_per_clip``): one centred clip per video of the train/val
+    manifests or class folders, the same clip length and step as pretraining; val uses train's class list."""
+    from data.labelled import labelled_loader, per_class_subset
+    from data.loaders import clip_source
+    from data.video import VideoClipDataset, video_eval_transform
+
+    d, m = cfg.data, cfg.monitor
+    transform = video_eval_transform(m.knn_img_size or d.img_size, normalize=True)
+    loaders, classes = [], None
+    for split, per_class in (("train", m.bank_per_class), ("val", m.query_per_class)):
+        source = VideoClipDataset(clip_source(cfg, split), transform, frames_per_clip=d.frames_per_clip,
+                                  frame_step=d.frame_step, sampling="uniform", label_column=d.label_column,
+                                  classes=classes, on_corrupt=d.on_corrupt, num_threads=d.decode_threads)
+        classes = source.classes
+        indices = per_class_subset(source.labels, per_class, cfg.trainer.seed)
+        loaders.append(labelled_loader(source if indices is None else source.subset(indices), m.batch_size,
+                                       min(d.num_workers, 4)))
+    return KNNMonitor(*loaders, num_classes=len(classes), k=m.knn_k, temperature=m.knn_temperature)
+
+
+def build_training_monitors(cfg) -> list[KNNMonitor]:
+    """The monitors ``train.py`` gives the trainer: the kNN monitor over the config's labelled images or clips."""
+    if hasattr(cfg.data, "frames_per_clip"):
+        return [build_video_knn_monitor(cfg)]
+    m = cfg.monitor
+    return [build_knn_monitor(cfg.data.root, m.knn_img_size or cfg.data.img_size, m, min(cfg.data.num_workers, 4),
+                              cfg.trainer.seed)]

@@ -26,7 +26,7 @@ import torch.nn as nn
 from ..config import ConfigError
 
 DEFAULT_METHOD = "ijepa"
-_METHOD_MODULES = ("ijepa",)  # each module registers its method on import
+_METHOD_MODULES = ("ijepa", "vjepa")  # each module registers its method on import
 
 
 @dataclass
