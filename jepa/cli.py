@@ -2,6 +2,7 @@
 
     jepa train --config configs/quickstart.yaml key=value ...
     jepa eval {linear,attentive,knn,lowshot} --encoder X --data PATH [--out DIR] [key=value ...]
+    jepa data make-motion --out DIR --per-class N   (the labelled camera-motion video set, data/motion.py)
     jepa export --ckpt DIR --to timm|hf|safetensors|onnx --out DIR [--which NAME] [--img-size N]
 
 Each subcommand imports its implementation lazily, inside its function.
@@ -11,7 +12,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-COMMANDS = ("train", "eval", "export")
+COMMANDS = ("train", "eval", "export", "data")
+DATA_COMMANDS = ("make-motion",)
 
 
 def run_train(argv: list[str]) -> None:
@@ -24,6 +26,14 @@ def run_eval(argv: list[str]) -> None:
     from eval.cli import main as eval_main
 
     eval_main(argv)
+
+
+def run_data(argv: list[str]) -> None:
+    if not argv or argv[0] not in DATA_COMMANDS:
+        raise SystemExit(f"jepa data: expected one of {list(DATA_COMMANDS)}, got {argv[:1]}")
+    from data.motion import main as make_motion
+
+    make_motion(argv[1:])
 
 
 def run_export(argv: list[str]) -> None:
@@ -47,9 +57,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="jepa", description="openjepa: train, evaluate and export JEPA encoders")
     parser.add_argument("command", choices=COMMANDS,
                         help="train: pretrain (same arguments as train.py); eval: frozen evaluations; export: "
-                             "encoder-only export")
+                             "encoder-only export; data: build datasets (make-motion)")
     args, _ = parser.parse_known_args(argv[:1])
-    {"train": run_train, "eval": run_eval, "export": run_export}[args.command](argv[1:])
+    {"train": run_train, "eval": run_eval, "export": run_export, "data": run_data}[args.command](argv[1:])
 
 
 if __name__ == "__main__":
