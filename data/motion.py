@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import logging
 import math
 import sys
 import time
@@ -40,8 +39,6 @@ from torchvision.transforms.v2 import functional as F
 
 from .folder import load_rgb_uint8, scan_split
 from .subsets import per_class_choice
-
-logger = logging.getLogger(__name__)
 
 MOTIONS = ("static", "pan_left", "pan_right", "pan_up", "pan_down", "zoom_in", "zoom_out")
 # direction the window (camera) moves in, as (x, y) unit steps; the content moves the opposite way
