@@ -97,17 +97,26 @@ def clip_source(cfg, split: str):
     return Path(cfg.data.root) / split
 
 
+def clip_dataset(cfg, split: str, transform, sampling: str, classes: list[str] | None = None):
+    """The clips of ``split`` with the config's clip settings (``data.frames_per_clip``, ``frame_step`` / ``fps``,
+    ``label_column``, ``on_corrupt``, ``decode_threads``)."""
+    from .video import VideoClipDataset  # decord is needed only for video
+
+    d = cfg.data
+    return VideoClipDataset(clip_source(cfg, split), transform, frames_per_clip=d.frames_per_clip,
+                            frame_step=d.frame_step, fps=d.fps or None, sampling=sampling, label_column=d.label_column,
+                            classes=classes, on_corrupt=d.on_corrupt, seed=cfg.trainer.seed,
+                            num_threads=d.decode_threads)
+
+
 @register_pipeline("masked_clips")
 def masked_clips(cfg, token_grid: tuple[int, ...], rank: int = 0, world_size: int = 1, pin_memory: bool = True):
     """Random clips (one random-resized crop for all their frames, uint8 (C, T, H, W)) decoded by decord in the
     workers, with V-JEPA's short- and long-range masks on ``token_grid``."""
-    from .video import VideoClipDataset, video_pretrain_transform  # decord is needed only for video
+    from .video import video_pretrain_transform
 
     d = cfg.data
-    dataset = VideoClipDataset(clip_source(cfg, "train"), video_pretrain_transform(d.img_size, d.crop_scale, d.hflip),
-                               frames_per_clip=d.frames_per_clip, frame_step=d.frame_step, sampling="random",
-                               label_column=d.label_column, on_corrupt=d.on_corrupt, seed=cfg.trainer.seed,
-                               num_threads=d.decode_threads)
+    dataset = clip_dataset(cfg, "train", video_pretrain_transform(d.img_size, d.crop_scale, d.hflip), "random")
     batch_sampler = EpochBatchSampler(len(dataset), d.batch_size, seed=cfg.trainer.seed, rank=rank,
                                       world_size=world_size)
     loader = _loader(dataset, batch_sampler, MaskCollator(clip_mask_samplers(cfg, token_grid), cfg.trainer.seed),

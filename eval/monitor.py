@@ -56,16 +56,14 @@ def build_video_knn_monitor(cfg) -> KNNMonitor:
     """The kNN monitor of a clip-data config (``data.frames_per_clip``): one centred clip per video of the train/val
     manifests or class folders, the same clip length and step as pretraining; val uses train's class list."""
     from data.labelled import labelled_loader, per_class_subset
-    from data.loaders import clip_source
-    from data.video import VideoClipDataset, video_eval_transform
+    from data.loaders import clip_dataset
+    from data.video import video_eval_transform
 
     d, m = cfg.data, cfg.monitor
     transform = video_eval_transform(m.knn_img_size or d.img_size, normalize=True)
     loaders, classes = [], None
     for split, per_class in (("train", m.bank_per_class), ("val", m.query_per_class)):
-        source = VideoClipDataset(clip_source(cfg, split), transform, frames_per_clip=d.frames_per_clip,
-                                  frame_step=d.frame_step, sampling="uniform", label_column=d.label_column,
-                                  classes=classes, on_corrupt=d.on_corrupt, num_threads=d.decode_threads)
+        source = clip_dataset(cfg, split, transform, "uniform", classes)
         classes = source.classes
         indices = per_class_subset(source.labels, per_class, cfg.trainer.seed)
         loaders.append(labelled_loader(source if indices is None else source.subset(indices), m.batch_size,

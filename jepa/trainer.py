@@ -120,6 +120,7 @@ class Trainer:
         self.state = TrainState()
         self.collapse = CollapseMonitor()
         self.last_features: dict[str, torch.Tensor] = {}
+        self.data_wait = 0.0  # seconds blocked on the loader in the current log window
         self.output_dir = Path(cfg.trainer.output_dir)
 
     # ---------------------------------------------------------------- setup / resume
@@ -170,7 +171,9 @@ class Trainer:
                 group["weight_decay"] = wd
         samples = 0
         for micro in range(accum):
+            waited = time.perf_counter()
             batch = next(batches)
+            self.data_wait += time.perf_counter() - waited
             sync = micro == accum - 1
             with contextlib.nullcontext() if sync else self.accelerator.no_sync(self.model):
                 out = self.model(batch, self.teachers)
@@ -208,6 +211,8 @@ class Trainer:
             "train/momentum": self.schedules["momentum"].at(self.state.step - 1),
             "train/samples_per_s": samples * self.accelerator.num_processes / max(seconds, 1e-9),
             "train/epoch": self.state.epoch,
+            # host time blocked on the loader: with the GPU queue drained meanwhile, the share of the step lost to data
+            "train/data_wait_frac": self.data_wait / max(seconds, 1e-9),
         })
         if self.last_features:
             stats, warnings = self.collapse.update(self.last_features)
@@ -265,8 +270,10 @@ class Trainer:
                 if not cfg.progress_bar:
                     memory = f"  peak {logs['train/peak_mem_gib']:.2f} GiB" if "train/peak_mem_gib" in logs else ""
                     self._print(f"step {self.state.step}: loss {logs['train/loss']:.4f}  lr {logs['train/lr']:.2e}  "
-                                f"samples/s {logs['train/samples_per_s']:.0f}{memory}")
+                                f"samples/s {logs['train/samples_per_s']:.0f}  data wait "
+                                f"{100 * logs['train/data_wait_frac']:.0f}%{memory}")
                 sums, window_steps, window_samples, window_start = {}, 0, 0, time.perf_counter()
+                self.data_wait = 0.0
             monitor_due = self.cfg.monitor.knn_every and self.state.step % self.cfg.monitor.knn_every == 0
             if self.monitors and (monitor_due or last):
                 self.run_monitors()

@@ -54,6 +54,7 @@ class VideoDataConfig(DataConfig):
     label_column: str = "label"  # CSV manifests: which column is the label (e.g. motion / object)
     frames_per_clip: int = knob(16, gt=0)
     frame_step: int = knob(4, gt=0)  # take every frame_step-th frame
+    fps: float = knob(0.0, ge=0)  # > 0: sample at this many frames per second of video time instead of frame_step
     decode_threads: int = knob(1, gt=0, resumable=True)  # decord threads per DataLoader worker
     batch_size: int = knob(24, gt=0)
 
