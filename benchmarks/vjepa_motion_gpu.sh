@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# One-GPU V-JEPA run on the generated camera-motion set under a wall-clock budget, then frozen attentive probes
+# (motion and object labels) of the trained and of a random-init encoder of the same shape.
+#   BUDGET=300 bash benchmarks/vjepa_motion_gpu.sh runs/vjepa_motion [key=value ...]
+# Expects .gpu_data/motion.zip (jepa data make-motion --out motion_gpu ...; zipped) and .whl/decord-*.whl.
+set -euo pipefail
+RUN=$1; shift
+BUDGET=${BUDGET:-300}
+CFG=configs/vjepa/vit_s8_motion.yaml
+export PYTHONUNBUFFERED=1
+python3 -c "import decord" 2>/dev/null || pip install -q --no-deps .whl/decord-*.whl
+if [ ! -f .gpu_data/motion/train.csv ]; then
+  (cd .gpu_data && rm -rf motion motion_gpu && unzip -q motion.zip && mv motion_gpu motion)
+fi
+python3 train.py --config "$CFG" trainer.max_steps=60 trainer.output_dir="$RUN.probe" trainer.log_every=30 \
+  trainer.progress_bar=false monitor.knn_every=0 monitor.bank_per_class=2 monitor.query_per_class=2 "$@" \
+  > "$RUN.probe.log" 2>&1
+SPS=$(grep -oP 'samples/s \K[0-9]+' "$RUN.probe.log" | tail -1)
+BATCH=$(python3 -c "from jepa.config import load_config; import sys; c=load_config('$CFG', sys.argv[1:]); print(c.data.batch_size*c.trainer.grad_accum_steps)" "$@")
+STEPS=$(( BUDGET * SPS / BATCH ))
+echo "probe: ${SPS} clips/s -> trainer.max_steps=${STEPS} for ${BUDGET}s"
+python3 train.py --config "$CFG" trainer.max_steps=$STEPS trainer.output_dir="$RUN" trainer.progress_bar=false \
+  optim.warmup_steps=$(( STEPS / 10 )) trainer.checkpoint_every=$STEPS monitor.knn_every=0 "$@"
