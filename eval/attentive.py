@@ -1,7 +1,12 @@
 """Attentive probe (V-JEPA style) on cached tokens: a learnable query cross-attends to the frozen tokens, a
 linear layer classifies the pooled vector. Depth 1: one cross-attention block; depth 4: three self-attention
 blocks over the tokens first (V-JEPA 2's probe), then the cross-attention block. The (lr × weight decay) grid
-trains in one pass as parallel probes (AdamW, warmup + cosine); selection on a held-out part of train."""
+trains in one pass as parallel probes (AdamW, warmup + cosine); selection on a held-out part of train.
+
+Clips: every video has V views (``features.num_clips`` x ``features.num_crops``), tokens (N, V, T, D). The probe
+trains on every view of a training video as a sample of its own (the video's label); held-out and val predictions
+average the softmax over a video's views, as V-JEPA evaluates. The held-out part is chosen by video, so no view of
+a held-out video is trained on. With ``features.label_columns`` one probe grid per label column."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -14,7 +19,7 @@ from timm.models.vision_transformer import Block, Mlp
 
 from jepa.config import knob
 
-from .grid import GridResult, grid, grid_records, scheduled_step, stratified_holdout, summarise
+from .grid import GridResult, grid, grid_records, label_summary, scheduled_step, stratified_holdout, summarise
 from .results import Record
 from .tasks import EvalRun, register_task
 
@@ -84,53 +89,79 @@ class AttentiveClassifier(nn.Module):
         return self.head(self.norm(pooled))
 
 
+def as_views(tokens: torch.Tensor) -> torch.Tensor:
+    """(N, T, D) -> (N, 1, T, D); (N, V, T, D) as it is."""
+    if tokens.dim() == 3:
+        return tokens.unsqueeze(1)
+    if tokens.dim() != 4:
+        raise ValueError(f"attentive probe tokens of shape {tuple(tokens.shape)}: expected (N, T, D) or (N, V, T, D)")
+    return tokens
+
+
 @torch.no_grad()
-def _logits(probes: nn.ModuleList, tokens: torch.Tensor, device, chunk: int = 512) -> list[torch.Tensor]:
+def _predictions(probes: nn.ModuleList, tokens: torch.Tensor, device, chunk: int = 512) -> list[torch.Tensor]:
+    """tokens (M, V, T, D) -> per probe (M, C): the logits of the one view, or the softmax averaged over V views."""
     probes.eval()
+    views = tokens.shape[1]
+    step = max(1, chunk // views)
     out = [[] for _ in probes]
-    for start in range(0, len(tokens), chunk):
-        x = tokens[start:start + chunk].to(device).float()
+    for start in range(0, len(tokens), step):
+        x = tokens[start:start + step].to(device).float()
         for i, probe in enumerate(probes):
-            out[i].append(probe(x).float().cpu())
+            logits = probe(x.flatten(0, 1)).float()
+            if views > 1:
+                logits = logits.softmax(-1).unflatten(0, (len(x), views)).mean(1)
+            out[i].append(logits.cpu())
     return [torch.cat(parts) for parts in out]
 
 
 def attentive_probe(train_tokens: torch.Tensor, train_y: torch.Tensor, val_tokens: torch.Tensor,
                     val_y: torch.Tensor, num_classes: int, cfg: AttentiveConfig, seed: int = 0,
                     device: str | torch.device = "cpu") -> GridResult:
-    """train_tokens (N, T, D), val_tokens (M, T, D) (any float dtype), labels (N,), (M,)."""
+    """train_tokens (N, T, D) or (N, V, T, D), val_tokens (M, T, D) or (M, V, T, D) (any float dtype), labels
+    (N,), (M,). Every training view is a sample; held-out and val predictions average over a video's views."""
     device = torch.device(device)
+    train_views, val_views = as_views(train_tokens), as_views(val_tokens)
     fit_idx, held_idx = stratified_holdout(train_y, cfg.holdout_fraction, seed)
+    num_views = train_views.shape[1]
+    sample_video = fit_idx.repeat_interleave(num_views)  # (len(fit_idx) * V,) every view of every fit video
+    sample_view = torch.arange(num_views).repeat(len(fit_idx))
     settings = grid(cfg.lrs, cfg.weight_decays)
     torch.manual_seed(seed)
-    dim = train_tokens.shape[-1]
+    dim = train_views.shape[-1]
     probes = nn.ModuleList(AttentiveClassifier(dim, num_classes, cfg.depth, cfg.num_heads, cfg.mlp_ratio)
                            for _ in settings).to(device)
     optimizer = torch.optim.AdamW([dict(params=p.parameters(), lr=lr, weight_decay=wd, base_lr=lr)
                                    for p, (lr, wd) in zip(probes, settings)])
-    steps_per_epoch = max(1, -(-len(fit_idx) // cfg.batch_size))
+    steps_per_epoch = max(1, -(-len(sample_video) // cfg.batch_size))
     total, warmup, step = cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch, 0
     generator = torch.Generator().manual_seed(seed)
     for _ in range(cfg.epochs):
         probes.train()
-        order = fit_idx[torch.randperm(len(fit_idx), generator=generator)]
+        order = torch.randperm(len(sample_video), generator=generator)
         for start in range(0, len(order), cfg.batch_size):
             batch = order[start:start + cfg.batch_size]
-            x, y = train_tokens[batch].to(device).float(), train_y[batch].to(device)
+            videos = sample_video[batch]
+            x, y = train_views[videos, sample_view[batch]].to(device).float(), train_y[videos].to(device)
             loss = sum(F.cross_entropy(probe(x), y) for probe in probes)
             scheduled_step(optimizer, loss, step, total, warmup)
             step += 1
-    held = _logits(probes, train_tokens[held_idx], device)
-    val = _logits(probes, val_tokens, device)
+    held = _predictions(probes, train_views[held_idx], device)
+    val = _predictions(probes, val_views, device)
     return summarise(settings, held, train_y[held_idx], val, val_y)
 
 
 @register_task("attentive", config=AttentiveConfig)
 def run_attentive(run: EvalRun) -> list[Record]:
     """Attentive probe (learnable query over every last-layer token, lr x wd grid) on cached fp16 tokens."""
-    train, val = run.features("train", "tokens"), run.features("val", "tokens")
+    sets = run.labelled("tokens")
     if not run.accelerator.is_main_process:
         return []
-    result = attentive_probe(train.features, train.labels, val.features, val.labels, len(train.classes),
-                             run.section, run.cfg.seed, run.accelerator.device)
-    return grid_records(run, result)
+    records, results = [], []
+    for s in sets:
+        result = attentive_probe(s.train.features, s.train.labels, s.val.features, s.val.labels,
+                                 len(s.train.classes), run.section, run.cfg.seed, run.accelerator.device)
+        records += grid_records(run, result, s.label)
+        results.append((s.label, result))
+    label_summary(run, results)
+    return records

@@ -2,8 +2,9 @@
 
 A cache entry is ``<cache_dir>/<key[:2]>/<key>.safetensors`` (tensors ``features``, ``labels``; metadata: the
 JSON description the key was hashed from). The key changes when any weight, the labelled source's
-``fingerprint()`` (any file's path, size or mtime, a label, the class list), the transform, the resolution, the
-feature mode or the precision changes; otherwise the entry is reused. Entries are written to a temporary name
+``fingerprint()`` (any file's path, size or mtime, a label, the class list; a clip source's clip length, frame
+step, clips and crops per video), the transform, the resolution, the feature mode or the precision changes;
+otherwise the entry is reused. Entries are written to a temporary name
 and renamed, so a crash leaves no torn entry.
 """
 from __future__ import annotations

@@ -2,7 +2,12 @@
 
 Tasks are registered (``eval.tasks.register_task``): linear, attentive, knn, lowshot, and any other registered one.
 ``--encoder``: a training output/checkpoint folder (``--which target|context``), a ``jepa export`` folder, or
-``timm:<model name>`` (random init). ``--data``: an ImageNet-style folder (train/<class>/*, val/<class>/*).
+``timm:<model name>`` (random init). ``--data``: an ImageNet-style folder (train/<class>/*, val/<class>/*), or a clip
+source: train/<class>/*.mp4 and val/<class>/*.mp4, or a folder with train and val manifests (train.csv / val.csv:
+``<path> <label>`` lines or a CSV with a path column and label columns, as ``jepa data make-motion`` writes them;
+``data.labelled.find_labelled_source`` decides). Clips: ``features.frames_per_clip`` / ``features.frame_step``
+(0: the video encoder's training values), ``features.num_clips`` x ``features.num_crops`` views per video;
+``features.label_columns=[motion,object]`` evaluates each named manifest column.
 Config: ``configs/eval/<task>.yaml`` (or ``--config``) then ``key=value`` overrides (``seed``, ``features.*`` and
 the task's own ``<task>.*`` keys).
 Runs under ``accelerate launch`` (feature extraction is sharded over the processes; probes run on the main one).
@@ -16,6 +21,8 @@ import logging
 from pathlib import Path
 
 import torch
+
+from data.labelled import find_labelled_source
 
 from .encoders import load_frozen_encoder
 from .results import Record, append_records
@@ -31,7 +38,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--encoder", required=True, help="checkpoint folder, export folder, or timm:<model name>")
     parser.add_argument("--which", default="target", choices=["target", "context"],
                         help="which encoder of a training checkpoint (default: target, the EMA one)")
-    parser.add_argument("--data", required=True, help="ImageNet-style folder with train/ and val/")
+    parser.add_argument("--data", required=True, help="ImageNet-style folder with train/ and val/, or a clip source: "
+                        "train/ and val/ class folders of videos, or train.csv and val.csv manifests")
     parser.add_argument("--out", default="outputs/eval", help="folder for results.jsonl and plots")
     parser.add_argument("--config", default=None, help="YAML (default: configs/eval/<task>.yaml)")
     parser.add_argument("overrides", nargs="*", help="key=value, e.g. linear.epochs=20 features.img_size=128")
@@ -45,6 +53,8 @@ def main(argv: list[str]) -> list[Record]:
     args = parse_args(argv)
     spec = get_task(args.task)
     cfg = load_eval_config(args.task, args.config, args.overrides)
+    for split in ("train", "val"):
+        find_labelled_source(args.data, split)  # a --data value that holds no source fails before any work
     logging.basicConfig(level=logging.WARNING)
     accelerator = Accelerator()
     encoder = load_frozen_encoder(args.encoder, args.which, cfg.features.timm_seed, cfg.features.img_size)

@@ -6,11 +6,12 @@
 - an export folder written by ``jepa export`` (safetensors, timm or hf format);
 - ``timm:<model name>``: timm's architecture at random init (seeded), the baseline of every table.
 
-``FrozenEncoder.tokens(images (B, 3, H, W)) -> (B, N, D)`` final-normed tokens and
+``FrozenEncoder.tokens(images (B, 3, H, W) or clips (B, 3, T, H, W)) -> (B, N, D)`` final-normed tokens and
 ``FrozenEncoder.layers(images, k) -> [(B, N_i, D_i)] * k`` the outputs of the last k blocks/stages (our encoders:
 the encoder protocol's ``intermediate_layers``; timm: ``forward_intermediates``).
 Checkpoints are read by ``jepa.reader`` (through their method), exports by ``jepa.export.load_export``.
-``fingerprint`` is a SHA-256 of the weights (names, shapes, dtypes, bytes): the encoder part of the cache key.
+A video encoder's ``clip`` is its training clip length and frame step (``data.frames_per_clip``, ``data.frame_step``),
+the default clip settings of evaluation on clips. ``fingerprint`` is a SHA-256 of the weights (names, shapes, dtypes, bytes): the encoder part of the cache key.
 """
 from __future__ import annotations
 
@@ -46,6 +47,7 @@ class FrozenEncoder:
     kind: str  # checkpoint | export | timm
     img_size: int  # default evaluation resolution (the training data.img_size; timm: its pretrained_cfg)
     fingerprint: str
+    clip: tuple[int, int] | None = None  # (frames_per_clip, frame_step) of a video encoder's training data; None: images
 
     @property
     def is_timm(self) -> bool:
@@ -82,6 +84,7 @@ class FrozenEncoder:
 def load_frozen_encoder(spec: str, which: str = "target", timm_seed: int = 0, img_size: int = 0) -> FrozenEncoder:
     """Resolve an ``--encoder`` value (see the module docstring); errors name the value. ``img_size`` (0: the
     model's own) builds timm models that fix their input size (ViTs) at that size."""
+    clip = None
     if spec.startswith("timm:"):
         module, img_size = _timm_random(spec[5:], timm_seed, img_size)
         kind = "timm"
@@ -103,8 +106,10 @@ def load_frozen_encoder(spec: str, which: str = "target", timm_seed: int = 0, im
         except EncoderReadError as err:  # jepa.export.ExportError included
             raise EncoderSpecError(f"--encoder '{spec}': {err}") from err
         img_size = cfg.data.img_size
+        if hasattr(cfg.data, "frames_per_clip"):
+            clip = (cfg.data.frames_per_clip, cfg.data.frame_step)
     module.eval().requires_grad_(False)
-    return FrozenEncoder(module, spec, kind, img_size, weights_fingerprint(module))
+    return FrozenEncoder(module, spec, kind, img_size, weights_fingerprint(module), clip)
 
 
 def _timm_random(name: str, seed: int, img_size: int) -> tuple[nn.Module, int]:

@@ -5,6 +5,11 @@ Modes:
 - ``pooled``: (N, k*D) float32 — each of the last k layers mean-pooled over tokens, concatenated (k=1: the
   mean-pooled last layer); ``pool_layers`` is the one pooling, shared with the training kNN monitor.
 - ``tokens``: (N, T, D) float16 — every last-layer token (the attentive probe's input).
+
+Clip sources (``data.labelled.ClipViews``) give every video V = ``num_clips * num_crops`` views, batches
+(B, V, C, T, H, W): the views go through the encoder as B * V clips; ``pooled`` averages them into one (N, k*D) row
+per video (for a linear probe, the same as averaging its logits over the views), ``tokens`` keeps them apart,
+(N, V, T, D), for the attentive probe to average its predictions.
 """
 from __future__ import annotations
 
@@ -16,9 +21,8 @@ from typing import Callable, Iterable, Literal
 import torch
 from tqdm.auto import tqdm
 
-from data.labelled import LabelledSource, labelled_loader, open_labelled_source
-from data.transforms import eval_transform
-from jepa.config import knob
+from data.labelled import ClipSettings, LabelledSource, labelled_loader, open_labelled_source
+from jepa.config import ConfigError, knob
 from jepa.precision import autocast_context, resolve_precision
 
 from .cache import cache_key, load_entry, save_entry
@@ -37,11 +41,22 @@ class FeatureConfig:
     cache_dir: str = ""  # "": $OPENJEPA_CACHE or ~/.cache/openjepa/features
     progress_bar: bool = True
     timm_seed: int = 0  # random init of timm:<name> encoders (part of the cache key through the weights)
+    # clip sources (video manifests, class folders of videos); 0: the video encoder's training data.<key>
+    frames_per_clip: int = knob(0, ge=0)
+    frame_step: int = knob(0, ge=0)
+    num_clips: int = knob(1, gt=0)  # clips per video at uniform temporal positions (views, averaged)
+    num_crops: int = knob(1, gt=0)  # square crops per clip along the long side: 1 centre, 3 both ends + centre
+    label_columns: list[str] = knob(factory=list)  # manifest label columns, one probe each ([]: the one label)
+
+    def check(self, prefix: str) -> None:
+        if len(set(self.label_columns)) != len(self.label_columns):
+            raise ConfigError(f"config key '{prefix}label_columns' names a column twice: {self.label_columns}")
 
 
 @dataclass
 class FeatureSet:
-    """features (N, F) float32 or (N, T, D) float16; labels (N,) long; ``cached``: read from the cache."""
+    """features (N, F) float32, (N, T, D) float16, or (N, V, T, D) float16 (tokens of V views per video);
+    labels (N,) long; ``cached``: read from the cache."""
 
     features: torch.Tensor
     labels: torch.Tensor
@@ -49,12 +64,16 @@ class FeatureSet:
     samples: list[tuple[Path, int]]
     cached: bool
     key: str
+    num_views: int = 1  # views per video of a clip source (pooled features are already averaged over them)
 
 
-def build_dataset(root: str | Path, split: str, img_size: int, indices: list[int] | None = None
-                  ) -> LabelledSource:
-    """Deterministic eval view of a split (resize + center crop); corrupt images raise so rows stay aligned."""
-    return open_labelled_source(root, split, eval_transform(img_size), on_corrupt="raise", indices=indices)
+def build_dataset(root: str | Path, split: str, img_size: int, indices: list[int] | None = None,
+                  clips: ClipSettings | None = None, label_column: str | None = None,
+                  classes: list[str] | None = None) -> LabelledSource:
+    """Deterministic eval view of a split (images: resize + center crop; clips: ``clips.num_clips`` uniform clips
+    x ``clips.num_crops`` crops); corrupt files raise so rows stay aligned."""
+    return open_labelled_source(root, split, img_size, on_corrupt="raise", indices=indices, clips=clips,
+                                label_column=label_column, classes=classes)
 
 
 def pool_layers(layers: list[torch.Tensor]) -> torch.Tensor:
@@ -81,6 +100,20 @@ def encode_batches(batches: Iterable, encode: Callable[[torch.Tensor], torch.Ten
     return torch.cat(feats), torch.cat(labels).long()
 
 
+def over_views(encode: Callable[[torch.Tensor], torch.Tensor], average: bool
+               ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``encode`` of (B, ...) pixels -> the same on (B, V, C, T, H, W) views: every view encoded, then (B, V, ...)
+    or, ``average``, the mean over the views (B, ...). Pixels without a view axis go straight through."""
+
+    def run(pixels: torch.Tensor) -> torch.Tensor:
+        if pixels.dim() != 6:
+            return encode(pixels)
+        out = encode(pixels.flatten(0, 1)).unflatten(0, pixels.shape[:2])
+        return out.mean(1) if average else out
+
+    return run
+
+
 def extract_features(encoder: FrozenEncoder, dataset: LabelledSource, mode: str, accelerator, *,
                      layers: int = 1, batch_size: int = 128, num_workers: int = 4, precision: str = "auto",
                      cache_dir: str | Path = "", progress: bool = True) -> FeatureSet:
@@ -95,16 +128,17 @@ def extract_features(encoder: FrozenEncoder, dataset: LabelledSource, mode: str,
     description = dict(encoder=encoder.fingerprint, data=dataset.fingerprint(), transform=repr(dataset.transform),
                        mode=mode, layers=layers if mode == "pooled" else 1, precision=precision)
     key = cache_key(description)
+    views = getattr(dataset, "num_views", 1)
     hit = load_entry(cache_dir, key)
     if hit is not None:
-        return FeatureSet(hit[0], hit[1], dataset.classes, dataset.samples, True, key)
+        return FeatureSet(hit[0], hit[1], dataset.classes, dataset.samples, True, key, views)
     loader = labelled_loader(dataset, batch_size, num_workers, pin_memory=device.type == "cuda")
     loader = accelerator.prepare_data_loader(loader, device_placement=False)
     encoder.to(device)
     if mode == "tokens":
-        encode = lambda images: encoder.tokens(images).to(torch.float16)  # noqa: E731
+        encode = over_views(lambda pixels: encoder.tokens(pixels).to(torch.float16), average=False)
     else:
-        encode = lambda images: pool_layers(encoder.layers(images, layers))  # noqa: E731
+        encode = over_views(lambda pixels: pool_layers(encoder.layers(pixels, layers)), average=True)
     bar = tqdm(loader, desc=f"features ({mode})", disable=not (progress and accelerator.is_main_process),
                dynamic_ncols=True)
     features, labels = encode_batches(bar, encode, device, autocast_context(precision, device.type),
@@ -114,4 +148,4 @@ def extract_features(encoder: FrozenEncoder, dataset: LabelledSource, mode: str,
     if accelerator.is_main_process:
         save_entry(cache_dir, key, features, labels, description)
     accelerator.wait_for_everyone()
-    return FeatureSet(features, labels, dataset.classes, dataset.samples, False, key)
+    return FeatureSet(features, labels, dataset.classes, dataset.samples, False, key, views)

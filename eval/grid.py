@@ -88,9 +88,11 @@ def summarise(settings: list[tuple[float, float]], holdout_logits: list[torch.Te
     return GridResult(heads, selected, best, val_logits[selected].argmax(-1).cpu())
 
 
-def grid_records(run: "EvalRun", result: GridResult) -> list[Record]:
-    """Print the grid and the selected / best-of-grid heads; records ``top{1,5}_{selected,best_of_grid}``."""
+def grid_records(run: "EvalRun", result: GridResult, label: str | None = None) -> list[Record]:
+    """Print the grid and the selected / best-of-grid heads; records ``top{1,5}_{selected,best_of_grid}`` (with
+    ``label`` in their config when a label column is named)."""
     sel, best = result.selected_head, result.best_head
+    named = f" (label {label})" if label is not None else ""
     run.say(format_table(
         [(f"{h['lr']:g}", f"{h['weight_decay']:g}", pct(h["holdout_top1"]), pct(h["val_top1"]), pct(h["val_top5"]),
           ("selected" if i == result.selected else "") + (" best-of-grid" if i == result.best_of_grid else ""))
@@ -101,9 +103,18 @@ def grid_records(run: "EvalRun", result: GridResult) -> list[Record]:
                           ("top-5 (selected on held-out train)", pct(sel["val_top5"]), ""),
                           ("top-1 best-of-grid (chosen on val: optimistic)", pct(best["val_top1"]),
                            f"lr={best['lr']:g} wd={best['weight_decay']:g}")],
-                         (f"{run.task} probe", "val %", "head")))
+                         (f"{run.task} probe{named}", "val %", "head")))
     head = lambda h: {"lr": h["lr"], "weight_decay": h["weight_decay"]}  # noqa: E731
-    return [run.record("top1_selected", sel["val_top1"], head=head(sel)),
-            run.record("top5_selected", sel["val_top5"], head=head(sel)),
-            run.record("top1_best_of_grid", best["val_top1"], head=head(best)),
-            run.record("top5_best_of_grid", best["val_top5"], head=head(best))]
+    return [run.record("top1_selected", sel["val_top1"], label=label, head=head(sel)),
+            run.record("top5_selected", sel["val_top5"], label=label, head=head(sel)),
+            run.record("top1_best_of_grid", best["val_top1"], label=label, head=head(best)),
+            run.record("top5_best_of_grid", best["val_top5"], label=label, head=head(best))]
+
+
+def label_summary(run: "EvalRun", results: list[tuple[str | None, GridResult]]) -> None:
+    """With several label columns, one table naming each: selected top-1 / top-5 and best-of-grid top-1."""
+    if len(results) < 2:
+        return
+    run.say(format_table([(str(label), pct(r.selected_head["val_top1"]), pct(r.selected_head["val_top5"]),
+                           pct(r.best_head["val_top1"])) for label, r in results],
+                         ("label", "top-1 % (selected)", "top-5 % (selected)", "top-1 % (best-of-grid)")))

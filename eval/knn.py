@@ -56,16 +56,20 @@ def knn_accuracy(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.T
 @register_task("knn", config=KNNConfig)
 def run_knn(run: EvalRun) -> list[Record]:
     """Weighted kNN on mean-pooled features: top-1 / top-5 for every k."""
-    train, val = run.features("train"), run.features("val")
+    sets = run.labelled()
     if not run.accelerator.is_main_process:
         return []
     c = run.section
     device = run.accelerator.device
-    acc = knn_accuracy(train.features.to(device), train.labels.to(device), val.features.to(device),
-                       val.labels.to(device), len(train.classes), c.ks, c.temperature)
-    run.say(format_table([(str(k), pct(v["top1"]), pct(v["top5"])) for k, v in acc.items()],
-                         ("k", "top-1 %", "top-5 %")))
-    records = []
-    for k, v in acc.items():
-        records += [run.record(f"top1@k={k}", v["top1"]), run.record(f"top5@k={k}", v["top5"])]
+    named = any(s.label is not None for s in sets)
+    rows, records = [], []
+    for s in sets:
+        train, val = s.train, s.val
+        acc = knn_accuracy(train.features.to(device), train.labels.to(device), val.features.to(device),
+                           val.labels.to(device), len(train.classes), c.ks, c.temperature)
+        rows += [((str(s.label),) if named else ()) + (str(k), pct(v["top1"]), pct(v["top5"])) for k, v in acc.items()]
+        for k, v in acc.items():
+            records += [run.record(f"top1@k={k}", v["top1"], label=s.label),
+                        run.record(f"top5@k={k}", v["top5"], label=s.label)]
+    run.say(format_table(rows, (("label",) if named else ()) + ("k", "top-1 %", "top-5 %")))
     return records

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from jepa.config import knob
 
-from .grid import GridResult, grid, grid_records, scheduled_step, stratified_holdout, summarise
+from .grid import GridResult, grid, grid_records, label_summary, scheduled_step, stratified_holdout, summarise
 from .results import Record, confusion_matrix, pct, plot_confusion
 from .tasks import EvalRun, register_task
 
@@ -86,14 +86,21 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tens
 @register_task("linear", config=LinearConfig)
 def run_linear(run: EvalRun) -> list[Record]:
     """Linear probe (BatchNorm + linear, lr x wd grid) on pooled features; confusion matrix plot."""
-    train, val = run.features("train"), run.features("val")
+    sets = run.labelled()
     if not run.accelerator.is_main_process:
         return []
-    result = linear_probe(train.features, train.labels, val.features, val.labels, len(train.classes),
-                          run.section, run.cfg.seed, run.accelerator.device)
-    records = grid_records(run, result)
-    matrix = confusion_matrix(val.labels, result.val_predictions, len(train.classes))
-    path = plot_confusion(matrix, train.classes, run.out / "confusion_linear.png",
-                          f"linear probe, {run.encoder.name}\nval top-1 {pct(result.selected_head['val_top1'])}%")
-    run.say(f"confusion matrix: {path}")
+    records, results = [], []
+    for s in sets:
+        train, val = s.train, s.val
+        result = linear_probe(train.features, train.labels, val.features, val.labels, len(train.classes),
+                              run.section, run.cfg.seed, run.accelerator.device)
+        records += grid_records(run, result, s.label)
+        results.append((s.label, result))
+        matrix = confusion_matrix(val.labels, result.val_predictions, len(train.classes))
+        name = "confusion_linear.png" if s.label is None else f"confusion_linear_{s.label}.png"
+        path = plot_confusion(matrix, train.classes, run.out / name,
+                              f"linear probe, {run.encoder.name}{'' if s.label is None else f', {s.label}'}\n"
+                              f"val top-1 {pct(result.selected_head['val_top1'])}%")
+        run.say(f"confusion matrix: {path}")
+    label_summary(run, results)
     return records

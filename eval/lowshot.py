@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from data.subsets import TooFewSamplesError, per_class_choice, per_class_shuffled
-from jepa.config import knob
+from jepa.config import ConfigError, knob
 
 from .grid import topk_correct
 from .results import Record, format_table, pct, plot_lowshot
@@ -139,11 +139,23 @@ def summarise_runs(runs: list[LowShotRun]) -> dict[int, tuple[float, float, int]
 def run_lowshot(run: EvalRun) -> list[Record]:
     """Low-shot logistic regression: a k-shot sweep over seeds (mean ± std, plot), or a split file's subset."""
     c = run.section
+    if c.split_file and run.clips is not None:
+        raise ConfigError(f"config key 'lowshot.split_file' lists images of an image folder; --data '{run.data}' is "
+                          f"a clip source (use the k-shot sweep, lowshot.shots)")
     indices = parse_split_file(c.split_file, run.data, "train") if c.split_file else None
-    train, val = run.features("train", indices=indices), run.features("val")
+    sets = run.labelled(train_indices=indices)
     if not run.accelerator.is_main_process:
         return []
+    records = []
+    for s in sets:
+        records += _lowshot_label(run, s.label, s.train, s.val)
+    return records
+
+
+def _lowshot_label(run: EvalRun, label: str | None, train, val) -> list[Record]:
+    c = run.section
     num_classes = len(train.classes)
+    named = "" if label is None else f" (label {label})"
     if c.split_file:
         result = probe_subset(train.features, train.labels, torch.arange(len(train.labels)), val.features,
                               val.labels, num_classes, c.lambdas, c.folds, c.default_lambda, run.cfg.seed, c.max_iter)
@@ -152,20 +164,21 @@ def run_lowshot(run: EvalRun) -> list[Record]:
                              ("split file", "labelled", "top-1 %", "top-5 %", "lambda", "lambda chosen by")))
         extra = dict(split_file=str(c.split_file), num_labelled=result.num_labelled, lam=result.lam,
                      lam_selection=result.lam_selection)
-        return [run.record("top1_split_file", result.top1, **extra),
-                run.record("top5_split_file", result.top5, **extra)]
+        return [run.record("top1_split_file", result.top1, label=label, **extra),
+                run.record("top5_split_file", result.top5, label=label, **extra)]
     runs = k_shot_sweep(train.features, train.labels, val.features, val.labels, num_classes, c.shots, c.seeds,
                         c.lambdas, c.folds, c.default_lambda, c.max_iter)
     summary = summarise_runs(runs)
     run.say(format_table([(str(k), f"{100 * m:.2f} ± {100 * s:.2f}", str(n),
                            " ".join(f"{r.lam:g}" for r in runs if r.shots == k)) for k, (m, s, n) in summary.items()],
-                         ("shots/class", "val top-1 % (mean ± std)", "seeds", "lambda per seed")))
-    records = [run.record(f"top1@{r.shots}shot", r.top1, seed=r.seed, lam=r.lam, lam_selection=r.lam_selection)
-               for r in runs]
+                         (f"shots/class{named}", "val top-1 % (mean ± std)", "seeds", "lambda per seed")))
+    records = [run.record(f"top1@{r.shots}shot", r.top1, seed=r.seed, label=label, lam=r.lam,
+                          lam_selection=r.lam_selection) for r in runs]
     for k, (mean, std, n) in summary.items():
-        records += [run.record(f"top1@{k}shot_mean", mean, seeds=c.seeds),
-                    run.record(f"top1@{k}shot_std", std, seeds=c.seeds)]
-    path = plot_lowshot(summary, run.out / "lowshot.png",
-                        f"low-shot logistic regression\n{run.encoder.name} (mean ± std over {len(c.seeds)} seeds)")
+        records += [run.record(f"top1@{k}shot_mean", mean, label=label, seeds=c.seeds),
+                    run.record(f"top1@{k}shot_std", std, label=label, seeds=c.seeds)]
+    path = plot_lowshot(summary, run.out / ("lowshot.png" if label is None else f"lowshot_{label}.png"),
+                        f"low-shot logistic regression{named}\n{run.encoder.name} (mean ± std over {len(c.seeds)} "
+                        f"seeds)")
     run.say(f"plot: {path}")
     return records

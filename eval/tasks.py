@@ -15,12 +15,19 @@ are declared on the fields (``Literal[...]``, ``jepa.config.knob``) and checked 
 section may add cross-field rules in ``check(self, prefix)``. The runner gets an ``EvalRun`` (encoder, data, features
 through the cache, records) and returns the records to append.
 
+Labels: ``run.features(split)`` carries the source's one label (the first of ``features.label_columns``);
+``run.labelled(mode)`` gives train and val features once per label column (extracted once, labelled per column),
+and ``run.record(..., label=column)`` puts the column in the record's config (``label=motion``).
+Clip sources: ``run.clips`` is the resolved ``data.labelled.ClipSettings`` (``features.frames_per_clip`` /
+``frame_step``, 0: the video encoder's training values; ``num_clips``, ``num_crops``), None for image folders.
+
 Every module of the ``eval`` package is imported when the registry is first read, so a task is one registration in
 one file (a test or a plugin may register one too, before ``jepa eval`` runs).
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import pkgutil
 import re
@@ -28,6 +35,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import torch
+
+from data.labelled import ClipSettings, LabelledSource, find_labelled_source
 from jepa.config import ConfigError, apply_yaml_and_overrides, validate
 
 from .encoders import FrozenEncoder
@@ -133,6 +143,15 @@ def load_eval_config(task: str, path: str | Path | None = None, overrides: list[
 
 
 @dataclass
+class LabelledFeatures:
+    """Train and val features of one label column (``label`` None: the source's one label)."""
+
+    label: str | None
+    train: FeatureSet
+    val: FeatureSet
+
+
+@dataclass
 class EvalRun:
     """What a task's runner works with: the config, the frozen encoder, the data, the accelerator, the output
     folder; features through the cache, messages on the main process, records."""
@@ -144,6 +163,7 @@ class EvalRun:
     out: Path
     accelerator: object
     which: str
+    _train_classes: dict = field(default_factory=dict, init=False, repr=False)  # label column -> train's classes
 
     @property
     def section(self):
@@ -154,22 +174,86 @@ class EvalRun:
     def img_size(self) -> int:
         return self.cfg.features.img_size or self.encoder.img_size
 
-    def features(self, split: str, mode: str = "pooled", indices: list[int] | None = None) -> FeatureSet:
+    @functools.cached_property
+    def clips(self) -> ClipSettings | None:
+        """The clip settings of a clip source (None: an image folder); errors name what does not fit."""
         f = self.cfg.features
-        source = build_dataset(self.data, split, self.img_size, indices)
+        if find_labelled_source(self.data, "train").kind != "clips":
+            clip_keys = dict(frames_per_clip=f.frames_per_clip, frame_step=f.frame_step,
+                             num_clips=f.num_clips - 1, num_crops=f.num_crops - 1)
+            for key, value in clip_keys.items():
+                if value:
+                    raise ConfigError(f"config key 'features.{key}' is set ({getattr(f, key)}) but --data "
+                                      f"'{self.data}' is an image folder (clip settings apply to clip sources)")
+            return None
+        if self.encoder.clip is None:
+            raise ConfigError(f"--data '{self.data}' is a clip source but encoder '{self.encoder.name}' takes images "
+                              f"(its config has no data.frames_per_clip); evaluate a video encoder (a V-JEPA "
+                              f"checkpoint or export)")
+        frames, step = self.encoder.clip
+        return ClipSettings(f.frames_per_clip or frames, f.frame_step or step, f.num_clips, f.num_crops)
+
+    @property
+    def label_columns(self) -> list[str | None]:
+        """The label columns evaluated ([None]: the source's one label)."""
+        return list(self.cfg.features.label_columns) or [None]
+
+    def source(self, split: str, label: str | None = None, indices: list[int] | None = None) -> LabelledSource:
+        """The eval view of a split, labelled by ``label``; a clip source's val takes train's class list."""
+        classes = None
+        if self.clips is not None and split != "train":
+            if label not in self._train_classes:
+                self._train_classes[label] = self.source("train", label).classes
+            classes = self._train_classes[label]
+        return build_dataset(self.data, split, self.img_size, indices, self.clips, label, classes)
+
+    def features(self, split: str, mode: str = "pooled", indices: list[int] | None = None,
+                 label: str | None = None) -> FeatureSet:
+        """Features of a split through the cache, labelled by ``label`` (None: the first label column). Features
+        are extracted (and cached) on the first label column's source; another column relabels the same rows."""
+        f = self.cfg.features
+        source = self.source(split, self.label_columns[0], indices)
         result = extract_features(self.encoder, source, mode, self.accelerator, layers=f.layers,
                                   batch_size=f.batch_size, num_workers=f.num_workers, precision=f.precision,
                                   cache_dir=f.cache_dir, progress=f.progress_bar)
-        self.say(f"{split}: {len(result.labels)} images, features {tuple(result.features.shape)} "
+        count = (f"{len(result.labels)} images" if self.clips is None else
+                 f"{len(result.labels)} videos x {result.num_views} view{'s' if result.num_views > 1 else ''}")
+        self.say(f"{split}: {count}, features {tuple(result.features.shape)} "
                  f"({'cache hit' if result.cached else 'extracted'}, key {result.key[:12]})")
-        return result
+        return self.relabel(result, split, label, indices)
+
+    def relabel(self, result: FeatureSet, split: str, label: str | None, indices: list[int] | None = None
+                ) -> FeatureSet:
+        """``result`` (features of the first label column) with the labels and classes of column ``label``."""
+        if label is None or label == self.label_columns[0]:
+            return result
+        other = self.source(split, label, indices)
+        if [path for path, _ in other.samples] != [path for path, _ in result.samples]:
+            raise RuntimeError(f"--data '{self.data}' {split}: label columns '{self.label_columns[0]}' and "
+                               f"'{label}' list other files (the manifest changed while reading?)")
+        return dataclasses.replace(result, labels=torch.tensor(other.labels, dtype=torch.long),
+                                   classes=other.classes, samples=other.samples)
+
+    def labelled(self, mode: str = "pooled", train_indices: list[int] | None = None) -> list[LabelledFeatures]:
+        """Train and val features for every label column (``features.label_columns``), extracted once."""
+        train, val = self.features("train", mode, train_indices), self.features("val", mode)
+        return [LabelledFeatures(label, self.relabel(train, "train", label, train_indices),
+                                 self.relabel(val, "val", label)) for label in self.label_columns]
 
     def say(self, message: str) -> None:
         if self.accelerator.is_main_process:
             print(message, flush=True)
 
-    def record(self, metric: str, value: float, seed: int | None = None, **extra) -> Record:
+    def record(self, metric: str, value: float, seed: int | None = None, label: str | None = None,
+               **extra) -> Record:
+        """A result record; its config holds the features and task sections, the resolved clip settings of a clip
+        source and the label column (``label``) when one is named."""
         config = {"which": self.which, "img_size": self.img_size, "features": dataclasses.asdict(self.cfg.features),
-                  self.task: dataclasses.asdict(self.section), **extra}
+                  self.task: dataclasses.asdict(self.section)}
+        if self.clips is not None:
+            config["clips"] = dict(dataclasses.asdict(self.clips), num_views=self.clips.num_views)
+        if label is not None:
+            config["label"] = label
+        config.update(extra)
         return Record(self.task, str(self.data), self.encoder.name, metric, float(value),
                       self.cfg.seed if seed is None else seed, config)
