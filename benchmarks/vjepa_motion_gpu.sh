@@ -21,3 +21,12 @@ STEPS=$(( BUDGET * SPS / BATCH ))
 echo "probe: ${SPS} clips/s -> trainer.max_steps=${STEPS} for ${BUDGET}s"
 python3 train.py --config "$CFG" trainer.max_steps=$STEPS trainer.output_dir="$RUN" trainer.progress_bar=false \
   optim.warmup_steps=$(( STEPS / 10 )) trainer.checkpoint_every=$STEPS monitor.knn_every=0 "$@"
+# a random-init encoder of the same shape: one step at learning rate 0 changes no weight (and the EMA copy neither)
+python3 train.py --config "$CFG" trainer.max_steps=1 optim.lr=0 optim.start_lr=0 optim.final_lr=0 \
+  trainer.output_dir="$RUN.random" trainer.progress_bar=false monitor.knn_every=0 "$@" > "$RUN.random.log" 2>&1
+for ENC in "$RUN" "$RUN.random"; do
+  python3 -m jepa.cli eval attentive --encoder "$ENC" --data .gpu_data/motion --out "$RUN.eval" \
+    "features.label_columns=[motion,object]" features.num_workers=12 features.progress_bar=false \
+    attentive.epochs=${PROBE_EPOCHS:-10}
+done
+grep -h "kNN accuracy" "$RUN.random.log" || true

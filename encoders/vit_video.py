@@ -35,10 +35,10 @@ from __future__ import annotations
 
 import functools
 
+import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import AttentionRope
 from timm.models.vision_transformer import Block
 
 from .layers import drop_path_rates
@@ -91,6 +91,11 @@ class RopeBlock(Block):
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, qkv_bias: bool, drop_path: float):
         super().__init__(dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop_path=drop_path,
                          norm_layer=_layer_norm)
+        try:
+            from timm.layers import AttentionRope
+        except ImportError as err:  # older timm: the sin-cos variant still works
+            raise ValueError(f"model.pos=rope needs timm's AttentionRope, which timm {timm.__version__} lacks "
+                             f"(install a newer timm, or use model.pos=sincos)") from err
         self.attn = AttentionRope(dim, num_heads, qkv_bias=qkv_bias, qkv_fused=True, num_prefix_tokens=0)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
