@@ -8,9 +8,10 @@ RUN=$1; shift
 BUDGET=${BUDGET:-300}
 CFG=configs/vjepa/vit_s8_motion.yaml
 export PYTHONUNBUFFERED=1
-python3 -c "import decord" 2>/dev/null || pip install -q --no-deps .whl/decord-*.whl
+mkdir -p "$(dirname "$RUN")"
+python3 -c "import decord" 2>/dev/null || python3 -m pip install -q --no-deps .whl/decord-*.whl
 if [ ! -f .gpu_data/motion/train.csv ]; then
-  (cd .gpu_data && rm -rf motion motion_gpu && unzip -q motion.zip && mv motion_gpu motion)
+  (cd .gpu_data && rm -rf motion motion_gpu && python3 -m zipfile -e motion.zip . && mv motion_gpu motion)
 fi
 python3 train.py --config "$CFG" trainer.max_steps=60 trainer.output_dir="$RUN.probe" trainer.log_every=30 \
   trainer.progress_bar=false monitor.knn_every=0 monitor.bank_per_class=2 monitor.query_per_class=2 "$@" \
