@@ -20,7 +20,8 @@ class MaskCollator:
     def __call__(self, items: list) -> Batch:
         kept = [item for item in items if item["image"] is not None]
         if not kept:
-            raise RuntimeError(f"every image of a batch of {len(items)} was corrupt; check data.root")
+            raise RuntimeError(f"every item (image or clip) of a batch of {len(items)} was corrupt or too short; check "
+                               f"data.root or the manifests")
         first = items[0]
         key = (self.seed, first.get("epoch", 0), first.get("batch", 0))
         masks = [sampler(len(kept), key if i == 0 else (*key, i)) for i, sampler in enumerate(self.mask_samplers)]
