@@ -17,6 +17,7 @@ A method is one file in this package that registers itself::
 from __future__ import annotations
 
 import importlib
+import pkgutil
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -26,7 +27,6 @@ import torch.nn as nn
 from ..config import ConfigError
 
 DEFAULT_METHOD = "ijepa"
-_METHOD_MODULES = ("ijepa", "vjepa")  # each module registers its method on import
 
 
 @dataclass
@@ -90,8 +90,9 @@ def register_method(name: str, *, config: type, build_encoder: Callable[..., nn.
 
 
 def _import_all() -> None:
-    for module in _METHOD_MODULES:
-        importlib.import_module(f"{__name__}.{module}")
+    """Import every module of this package: each method file registers itself, so adding one needs no list."""
+    for info in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{info.name}")
 
 
 def available_methods() -> list[str]:
