@@ -13,6 +13,7 @@ A ``--data`` folder is, for each split (``train``, ``val``):
 """
 from __future__ import annotations
 
+import abc
 import copy
 import hashlib
 import json
@@ -34,7 +35,7 @@ class LabelledSourceError(ValueError):
     names the path and what was expected."""
 
 
-class LabelledSource(torch.utils.data.Dataset):
+class LabelledSource(torch.utils.data.Dataset, abc.ABC):
     """Labelled samples in a fixed order, and a fingerprint of them for the feature cache.
 
     - ``samples``: ``[(file path, label)]``; rows of every feature tensor follow this order;
@@ -59,8 +60,9 @@ class LabelledSource(torch.utils.data.Dataset):
     def labels(self) -> list[int]:
         return [sample[1] for sample in self.samples]
 
+    @abc.abstractmethod
     def __getitem__(self, key) -> dict:
-        raise NotImplementedError(f"{type(self).__name__} does not implement __getitem__")
+        """An item ``{'image': pixels | None (skipped), 'label': int, 'index': int, ...}`` for an int or sampler key."""
 
     def sample_record(self, sample: tuple) -> str:
         path, label = sample[0], sample[1]
