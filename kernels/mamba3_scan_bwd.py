@@ -10,7 +10,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .mamba3_scan_common import (_chunk_inputs, _load_key, _load_pairs, _mm, _program_ids, _state_order,
+from .mamba3_scan_common import (_block_tile, _chunk_inputs, _load_key, _load_pairs, _mm, _program_ids,
                                  _store_pairs, _tile_angles, _unrotate)
 
 
@@ -27,13 +27,9 @@ def _chunk_dq_kernel(
     chunks forward."""
     pid_block, pid_bh, batch, head, group, rev, scalar_base, bias_base, pt_base, phi0_base = _program_ids(
         H, G, H_FWD, BATCH_PER_BIAS, L, NUM_CHUNKS, S, N)
-    offs_t = tl.arange(0, CHUNK)
-    offs_n = tl.arange(0, N)
-    mem_n = _state_order(N, S, ROTATE)
-    offs_p = tl.arange(0, P)
+    offs_t, offs_n, mem_n, offs_p, diagonal, state = _block_tile(
+        STATE_IN, pid_bh, pid_block, NUM_BLOCKS, N, P, CHUNK, S, ROTATE)
     below = offs_t[:, None] > offs_t[None, :]
-    diagonal = offs_t[:, None] == offs_t[None, :]
-    state = tl.load(STATE_IN + (pid_bh * NUM_BLOCKS + pid_block) * (N * P) + offs_n[:, None] * P + offs_p[None, :])
     bias_grad = tl.zeros((N,), dtype=tl.float32)
     first = pid_block * CHUNKS_PER_BLOCK
     last = tl.minimum(first + CHUNKS_PER_BLOCK, NUM_CHUNKS)
@@ -90,13 +86,9 @@ def _chunk_dkdx_kernel(
     """
     pid_block, pid_bh, batch, head, group, rev, scalar_base, bias_base, pt_base, phi0_base = _program_ids(
         H, G, H_FWD, BATCH_PER_BIAS, L, NUM_CHUNKS, S, N)
-    offs_t = tl.arange(0, CHUNK)
-    offs_n = tl.arange(0, N)
-    mem_n = _state_order(N, S, ROTATE)
-    offs_p = tl.arange(0, P)
+    offs_t, offs_n, mem_n, offs_p, diagonal, dstate = _block_tile(
+        DSTATE_OUT, pid_bh, pid_block, NUM_BLOCKS, N, P, CHUNK, S, ROTATE)
     above = offs_t[None, :] > offs_t[:, None]  # [s, t]: t > s
-    diagonal = offs_t[:, None] == offs_t[None, :]
-    dstate = tl.load(DSTATE_OUT + (pid_bh * NUM_BLOCKS + pid_block) * (N * P) + offs_n[:, None] * P + offs_p[None, :])
     bias_grad = tl.zeros((N,), dtype=tl.float32)
     d_skip = tl.sum(tl.zeros((CHUNK,), dtype=tl.float32), axis=0)
     first = pid_block * CHUNKS_PER_BLOCK

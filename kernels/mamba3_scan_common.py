@@ -39,6 +39,19 @@ def _cos_sin(phi, FAST: tl.constexpr):
 
 
 @triton.jit
+def _block_tile(PTR, pid_bh, pid_block, NUM_BLOCKS, N: tl.constexpr, P: tl.constexpr, CHUNK: tl.constexpr,
+                S: tl.constexpr, ROTATE: tl.constexpr):
+    """The chunk-walk prologue of the forward, dC and dB/dx kernels: token, state and head-dim offsets, the state
+    order, the chunk diagonal, and this program's (N, P) block tile of ``PTR`` (B, H, NUM_BLOCKS, N, P)."""
+    offs_t = tl.arange(0, CHUNK)
+    offs_n = tl.arange(0, N)
+    offs_p = tl.arange(0, P)
+    diagonal = offs_t[:, None] == offs_t[None, :]
+    tile = tl.load(PTR + (pid_bh * NUM_BLOCKS + pid_block) * (N * P) + offs_n[:, None] * P + offs_p[None, :])
+    return offs_t, offs_n, _state_order(N, S, ROTATE), offs_p, diagonal, tile
+
+
+@triton.jit
 def _state_order(N: tl.constexpr, S: tl.constexpr, ROTATE: tl.constexpr):
     """(N,) memory index of each state dimension in the kernels' order. With rotation (S = N / 4), the kernels'
     pair p holds the stored pair p / 2 (rotated by angle p / 2) for even p and pair S + p // 2 (not rotated) for odd
