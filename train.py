@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> dict:
     accelerator = make_accelerator(cfg)
     spec = get_method(cfg.method)
     parts = spec.build(cfg)
-    loader, batch_sampler = build_pretrain_loader(spec.pipeline, cfg, parts.token_grid, accelerator.process_index,
+    loader, batch_sampler = build_pretrain_loader(spec.pipeline, cfg, parts, accelerator.process_index,
                                                   accelerator.num_processes,
                                                   pin_memory=accelerator.device.type == "cuda")
     trainer = Trainer(cfg, parts, loader, batch_sampler, build_training_monitors(cfg), accelerator,

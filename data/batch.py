@@ -1,14 +1,17 @@
 """The one batch type every collator builds and every method reads.
 
-    Batch(pixels, masks=[MaskBatch, ...], text={...} | None, labels=(B,) | None, skipped=scalar)
+    Batch(pixels, masks=[MaskBatch, ...], text={...} | None, labels=(B,) | None, skipped=scalar, tokens=None)
 
 - ``pixels``: images (B, C, H, W) or clips (B, C, T, H, W); uint8 out of the workers (4x less to pin and copy),
   float after the device transform (``data.transforms.DeviceNormalize``).
 - ``masks``: one ``jepa.masks.MaskBatch`` per mask set (I-JEPA: one multi-block set; V-JEPA: one per mask
   generator), indices into the flattened token grid.
-- ``text``: tokenized text (``input_ids``, ``attention_mask`` (B, L), ...) or None.
+- ``text``: tokenized text by role, e.g. ``{"query": {"input_ids", "attention_mask"} (B, L), "target": {...}}``,
+  or None.
 - ``labels``: class labels (B,) where the source has them, else None.
 - ``skipped``: 0-d long tensor, how many items of the batch were dropped (corrupt files).
+- ``tokens``: precomputed input-encoder tokens (B, N, D) (bf16 or fp32) when the pipeline reads a token cache; then
+  ``pixels`` is None.
 
 ``batch.to(device)`` moves every tensor, recursively (lists, dicts, dataclasses such as ``MaskBatch``);
 ``pin_memory()`` is what the DataLoader calls with ``pin_memory=True``; ``len(batch)`` is the number of samples.
@@ -40,14 +43,15 @@ def map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
 
 @dataclass
 class Batch:
-    pixels: torch.Tensor
+    pixels: torch.Tensor | None
     masks: list[MaskBatch] = field(default_factory=list)
     text: dict[str, torch.Tensor] | None = None
     labels: torch.Tensor | None = None
     skipped: torch.Tensor = field(default_factory=lambda: torch.tensor(0))
+    tokens: torch.Tensor | None = None
 
     def __len__(self) -> int:
-        return self.pixels.shape[0]
+        return (self.pixels if self.pixels is not None else self.tokens).shape[0]
 
     def to(self, device, non_blocking: bool = False) -> "Batch":
         return map_tensors(self, lambda t: t.to(device, non_blocking=non_blocking))

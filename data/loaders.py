@@ -1,9 +1,10 @@
 """Pretraining data pipelines, registered by name; a method's spec names the one that builds its batches.
 
-    loader, batch_sampler = build_pretrain_loader("masked_images", cfg, token_grid, rank, world_size)
+    loader, batch_sampler = build_pretrain_loader("masked_images", cfg, parts, rank, world_size)
 
-A pipeline builder ``fn(cfg, token_grid, rank, world_size, pin_memory) -> (DataLoader, EpochBatchSampler)`` yields
-``data.batch.Batch`` objects; masks are sampled in the workers.
+A pipeline builder ``fn(cfg, parts, rank, world_size, pin_memory) -> (DataLoader, EpochBatchSampler)`` yields
+``data.batch.Batch`` objects; ``parts`` is the method's ``MethodParts`` (read duck-typed: ``token_grid`` for the
+mask samplers, ``tokenizer`` for text, ``input_encoder`` for a token cache). Masks are sampled in the workers.
 """
 from __future__ import annotations
 
@@ -30,12 +31,23 @@ def register_pipeline(name: str):
     return wrap
 
 
-def build_pretrain_loader(pipeline: str, cfg, token_grid: tuple[int, ...], rank: int = 0, world_size: int = 1,
-                          pin_memory: bool = True):
-    """(DataLoader, EpochBatchSampler) of the named pipeline."""
+def build_pretrain_loader(pipeline: str, cfg, parts, rank: int = 0, world_size: int = 1, pin_memory: bool = True):
+    """(DataLoader, EpochBatchSampler) of the named pipeline for the method's ``parts``."""
+    _import_pipelines()
     if pipeline not in _PIPELINES:
         raise ValueError(f"data pipeline '{pipeline}' is unknown (expected one of {sorted(_PIPELINES)})")
-    return _PIPELINES[pipeline](cfg, token_grid, rank, world_size, pin_memory)
+    return _PIPELINES[pipeline](cfg, parts, rank, world_size, pin_memory)
+
+
+def _import_pipelines() -> None:
+    """Pipelines that live in other modules of ``data`` register on import."""
+    import importlib
+
+    for module in _PIPELINE_MODULES:
+        importlib.import_module(module)
+
+
+_PIPELINE_MODULES = ("data.vl",)
 
 
 def mask_sampler_from_config(cfg, grid_size: tuple[int, ...]) -> MultiBlockMaskSampler:
@@ -63,15 +75,15 @@ def _loader(dataset, batch_sampler, collate_fn, cfg, pin_memory: bool) -> torch.
 
 
 @register_pipeline("masked_images")
-def masked_images(cfg, token_grid: tuple[int, ...], rank: int = 0, world_size: int = 1, pin_memory: bool = True):
-    """Random-resized crops of ``data.root/train`` (uint8) with multi-block masks on ``token_grid``."""
+def masked_images(cfg, parts, rank: int = 0, world_size: int = 1, pin_memory: bool = True):
+    """Random-resized crops of ``data.root/train`` (uint8) with multi-block masks on ``parts.token_grid``."""
     d = cfg.data
     dataset = ImageFolderDataset(d.root, "train", pretrain_transform(d.img_size, d.crop_scale, d.hflip),
                                  on_corrupt=d.on_corrupt, seed=cfg.trainer.seed, decode="tensor")
     batch_sampler = EpochBatchSampler(len(dataset), d.batch_size, seed=cfg.trainer.seed, rank=rank,
                                       world_size=world_size)
-    loader = _loader(dataset, batch_sampler, MaskCollator(mask_sampler_from_config(cfg, token_grid), cfg.trainer.seed),
-                     cfg, pin_memory)
+    collate = MaskCollator(mask_sampler_from_config(cfg, parts.token_grid), cfg.trainer.seed)
+    loader = _loader(dataset, batch_sampler, collate, cfg, pin_memory)
     return loader, batch_sampler
 
 
@@ -110,15 +122,15 @@ def clip_dataset(cfg, split: str, transform, sampling: str, classes: list[str] |
 
 
 @register_pipeline("masked_clips")
-def masked_clips(cfg, token_grid: tuple[int, ...], rank: int = 0, world_size: int = 1, pin_memory: bool = True):
+def masked_clips(cfg, parts, rank: int = 0, world_size: int = 1, pin_memory: bool = True):
     """Random clips (one random-resized crop for all their frames, uint8 (C, T, H, W)) decoded by decord in the
-    workers, with V-JEPA's short- and long-range masks on ``token_grid``."""
+    workers, with V-JEPA's short- and long-range masks on ``parts.token_grid``."""
     from .video import video_pretrain_transform
 
     d = cfg.data
     dataset = clip_dataset(cfg, "train", video_pretrain_transform(d.img_size, d.crop_scale, d.hflip), "random")
     batch_sampler = EpochBatchSampler(len(dataset), d.batch_size, seed=cfg.trainer.seed, rank=rank,
                                       world_size=world_size)
-    loader = _loader(dataset, batch_sampler, MaskCollator(clip_mask_samplers(cfg, token_grid), cfg.trainer.seed),
+    loader = _loader(dataset, batch_sampler, MaskCollator(clip_mask_samplers(cfg, parts.token_grid), cfg.trainer.seed),
                      cfg, pin_memory)
     return loader, batch_sampler

@@ -31,7 +31,7 @@ class DeviceNormalize:
 
     def __call__(self, batch):
         pixels = batch.pixels
-        if pixels.dtype == torch.uint8:
+        if pixels is not None and pixels.dtype == torch.uint8:
             shape = (1, 3) + (1,) * (pixels.dim() - 2)
             mean = torch.tensor(IMAGENET_MEAN, device=pixels.device).view(shape) * 255
             std = torch.tensor(IMAGENET_STD, device=pixels.device).view(shape) * 255

@@ -17,17 +17,13 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from jepa.export import is_export_path, load_export
-from jepa.reader import EncoderReadError, is_checkpoint_path, load_checkpoint_encoder
+from jepa.encoder_spec import EncoderSpecError, resolve_encoder, timm_tokens
 
-
-class EncoderSpecError(ValueError):
-    """An ``--encoder`` value that names nothing loadable; the message names the value."""
+__all__ = ["EncoderSpecError", "FrozenEncoder", "load_frozen_encoder", "weights_fingerprint"]
 
 
 def weights_fingerprint(module: nn.Module) -> str:
@@ -60,12 +56,7 @@ class FrozenEncoder:
     @torch.no_grad()
     def tokens(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, N, D) last-layer tokens (timm: ``forward_features`` without prefix tokens)."""
-        if not self.is_timm:
-            return self.module(images)
-        out = self.module.forward_features(images)
-        if out.ndim == 4:  # CNN feature map (B, C, h, w)
-            return out.flatten(2).transpose(1, 2)
-        return out[:, getattr(self.module, "num_prefix_tokens", 0):]
+        return timm_tokens(self.module, images) if self.is_timm else self.module(images)
 
     @torch.no_grad()
     def layers(self, images: torch.Tensor, count: int) -> list[torch.Tensor]:
@@ -82,51 +73,11 @@ class FrozenEncoder:
 
 
 def load_frozen_encoder(spec: str, which: str = "target", timm_seed: int = 0, img_size: int = 0) -> FrozenEncoder:
-    """Resolve an ``--encoder`` value (see the module docstring); errors name the value. ``img_size`` (0: the
-    model's own) builds timm models that fix their input size (ViTs) at that size."""
-    clip = None
-    if spec.startswith("timm:"):
-        module, img_size = _timm_random(spec[5:], timm_seed, img_size)
-        kind = "timm"
-    else:
-        path = Path(spec)
-        if not path.exists():
-            raise EncoderSpecError(f"--encoder '{spec}' is neither an existing folder nor timm:<model name> "
-                                   f"(expected a training checkpoint folder, an export folder, or timm:<name>)")
-        try:
-            if is_export_path(path):
-                module, cfg, _ = load_export(path)
-                kind = "export"
-            elif is_checkpoint_path(path):
-                module, cfg, _ = load_checkpoint_encoder(path, which)
-                kind = "checkpoint"
-            else:
-                raise EncoderSpecError(f"--encoder '{spec}' holds no checkpoint-<step>/ folder, no checkpoint files "
-                                       f"(target_encoder.safetensors) and no export.json")
-        except EncoderReadError as err:  # jepa.export.ExportError included
-            raise EncoderSpecError(f"--encoder '{spec}': {err}") from err
-        img_size = cfg.data.img_size
-        if hasattr(cfg.data, "frames_per_clip"):
-            clip = (cfg.data.frames_per_clip, cfg.data.frame_step)
-    module.eval().requires_grad_(False)
-    return FrozenEncoder(module, spec, kind, img_size, weights_fingerprint(module), clip)
-
-
-def _timm_random(name: str, seed: int, img_size: int) -> tuple[nn.Module, int]:
-    import timm
-
-    if not name or not timm.is_model(name):
-        close = timm.list_models(f"*{name}*")[:5] if name else []
-        hint = f"; similar names: {close}" if close else ""
-        raise EncoderSpecError(f"--encoder 'timm:{name}' is not a timm model name{hint}")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        try:
-            module = timm.create_model(name, pretrained=False, num_classes=0,
-                                       **({"img_size": img_size} if img_size else {}))
-        except TypeError:  # the architecture takes no img_size (CNNs run at any size)
-            torch.manual_seed(seed)
-            module = timm.create_model(name, pretrained=False, num_classes=0)
-    if img_size:
-        return module, img_size
-    return module, int(module.pretrained_cfg.get("input_size", (3, 224, 224))[-1])
+    """Resolve an ``--encoder`` value (``jepa.encoder_spec``); errors name the value. ``img_size`` (0: the model's
+    own) builds timm models that fix their input size (ViTs) at that size."""
+    resolved = resolve_encoder(spec, which, timm_seed, img_size)
+    if resolved.kind == "random":
+        raise EncoderSpecError(f"--encoder '{spec}': random:<encoder> needs an input size; evaluate a random-init "
+                               f"architecture with timm:<model name>")
+    module = resolved.module
+    return FrozenEncoder(module, spec, resolved.kind, resolved.img_size, weights_fingerprint(module), resolved.clip)

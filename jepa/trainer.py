@@ -51,13 +51,27 @@ class TrainState:
 
 
 def param_groups(model: nn.Module) -> list[dict]:
-    """AdamW groups: weight decay on matrices/kernels; none on biases and 1-D parameters (norms, tokens)."""
-    decay, no_decay = [], []
+    """AdamW groups: weight decay on matrices/kernels; none on biases and 1-D parameters (norms, tokens).
+
+    A method may declare ``lr_multipliers``: ``{submodule prefix: factor}`` (e.g. VL-JEPA's Y-encoder at 0.05x);
+    each parameter takes the factor of its longest matching prefix (1 otherwise) as its group's ``lr_mult``.
+    """
+    multipliers = dict(getattr(model, "lr_multipliers", {}) or {})
+    groups: dict[tuple[bool, float], list] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        (no_decay if param.ndim <= 1 or name.endswith(".bias") else decay).append(param)
-    return [{"params": decay, "apply_wd": True}, {"params": no_decay, "apply_wd": False, "weight_decay": 0.0}]
+        decay = not (param.ndim <= 1 or name.endswith(".bias"))
+        matches = [prefix for prefix in multipliers if name == prefix or name.startswith(prefix + ".")]
+        mult = float(multipliers[max(matches, key=len)]) if matches else 1.0
+        groups.setdefault((decay, mult), []).append(param)
+    out = []
+    for decay in (True, False):  # decay groups first, as before multipliers existed (optimizer state order)
+        for (group_decay, mult), params in groups.items():
+            if group_decay == decay:
+                group = {"params": params, "apply_wd": decay, "lr_mult": mult}
+                out.append(group if decay else {**group, "weight_decay": 0.0})
+    return out
 
 
 def build_schedules(cfg) -> dict:
@@ -116,7 +130,7 @@ class Trainer:
         self.teachers = {name: t.module.to(self.device).requires_grad_(False) for name, t in parts.teachers.items()}
         self.ema_pairs = [(self.teachers[name], self.method.get_submodule(t.follows))
                           for name, t in parts.teachers.items() if t.follows is not None]
-        self.monitor_encoder = parts.monitor_encoder.to(self.device)
+        self.monitor_encoder = parts.monitor_encoder.to(self.device) if parts.monitor_encoder is not None else None
         self.state = TrainState()
         self.collapse = CollapseMonitor()
         self.last_features: dict[str, torch.Tensor] = {}
@@ -166,7 +180,7 @@ class Trainer:
         accum = self.cfg.trainer.grad_accum_steps
         lr, wd = self.schedules["lr"].value(), self.schedules["wd"].value()
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_mult", 1.0)
             if group.get("apply_wd", False):
                 group["weight_decay"] = wd
         samples = 0

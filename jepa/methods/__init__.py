@@ -42,8 +42,12 @@ class Teacher:
 class MethodParts:
     model: nn.Module  # the trainable module
     teachers: dict[str, Teacher]
-    monitor_encoder: nn.Module  # what the kNN monitor evaluates (an EMA teacher or an online encoder)
-    token_grid: tuple[int, ...]  # the mask samplers' token grid at the training input size
+    monitor_encoder: nn.Module | None  # what the kNN monitor evaluates (an EMA teacher or an online encoder)
+    token_grid: tuple[int, ...]  # the mask samplers' token grid at the training input size (() without masks)
+    tokenizer: Callable | None = None  # texts -> {input_ids, attention_mask}, run in the DataLoader workers
+    # a frozen module mapping normalised pixels to tokens (B, N, D) whose outputs the pipeline may precompute once
+    # (the cached-token path); the method then reads ``batch.tokens`` instead of running it
+    input_encoder: nn.Module | None = None
 
 
 @dataclass
