@@ -26,6 +26,15 @@ def parse_args(argv: list[str] | None = None) -> tuple[str | None, list[str]]:
     return args.config, args.overrides
 
 
+def monitor_history(monitors: dict[str, float]) -> dict[str, dict[int, float]]:
+    """{'knn@0': a, 'knn@100': b} -> {'knn': {0: a, 100: b}}."""
+    out: dict[str, dict[int, float]] = {}
+    for key, value in monitors.items():
+        name, _, step = key.rpartition("@")
+        out.setdefault(name, {})[int(step)] = value
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     config_path, overrides = parse_args(argv)
     cfg = load_config(config_path, overrides)
@@ -40,11 +49,11 @@ def main(argv: list[str] | None = None) -> dict:
     trainer = Trainer(cfg, parts, loader, batch_sampler, build_training_monitors(cfg), accelerator,
                       device_transform=DeviceNormalize())
     state = trainer.fit()
-    knn = {int(k.split("@")[1]): v for k, v in state.monitors.items() if k.startswith("knn@")}
-    if accelerator.is_main_process and knn:
-        first, last = min(knn), max(knn)
-        print(f"kNN accuracy (k={cfg.monitor.knn_k}): random init {knn[first]:.4f} | after {last} steps "
-              f"{knn[last]:.4f}", flush=True)
+    if accelerator.is_main_process:
+        for name, by_step in monitor_history(state.monitors).items():
+            first, last = min(by_step), max(by_step)
+            label = f"kNN accuracy (k={cfg.monitor.knn_k})" if name == "knn" else f"monitor {name}"
+            print(f"{label}: random init {by_step[first]:.4f} | after {last} steps {by_step[last]:.4f}", flush=True)
     return state.to_dict()
 
 

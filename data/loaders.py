@@ -33,7 +33,8 @@ def register_pipeline(name: str):
 
 def build_pretrain_loader(pipeline: str, cfg, parts, rank: int = 0, world_size: int = 1, pin_memory: bool = True):
     """(DataLoader, EpochBatchSampler) of the named pipeline for the method's ``parts``."""
-    _import_pipelines()
+    if pipeline not in _PIPELINES:
+        _import_pipelines()
     if pipeline not in _PIPELINES:
         raise ValueError(f"data pipeline '{pipeline}' is unknown (expected one of {sorted(_PIPELINES)})")
     return _PIPELINES[pipeline](cfg, parts, rank, world_size, pin_memory)

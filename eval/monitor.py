@@ -72,7 +72,12 @@ def build_video_knn_monitor(cfg) -> KNNMonitor:
 
 
 def build_training_monitors(cfg) -> list[KNNMonitor]:
-    """The monitors ``train.py`` gives the trainer: the kNN monitor over the config's labelled images or clips."""
+    """The monitors ``train.py`` gives the trainer: the kNN monitor over the config's labelled images or clips; VL-JEPA:
+    val retrieval / VQA accuracy (``eval.vl.build_vl_monitor``)."""
+    if cfg.method == "vljepa":
+        from .vl import build_vl_monitor
+
+        return build_vl_monitor(cfg)
     if hasattr(cfg.data, "frames_per_clip"):
         return [build_video_knn_monitor(cfg)]
     m = cfg.monitor

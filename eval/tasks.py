@@ -62,6 +62,7 @@ class TaskSpec:
     config: type  # the task's section (a dataclass)
     runner: Callable[["EvalRun"], list[Record]]
     schema: type  # EvalConfig + ``<name>: config``
+    needs: str = "encoder"  # encoder: --encoder is a vision encoder (run.encoder); vl: a VL-JEPA checkpoint (run.vl)
 
     @property
     def summary(self) -> str:
@@ -72,9 +73,12 @@ _TASKS: dict[str, TaskSpec] = {}
 _discovered = False
 
 
-def register_task(name: str, config: type):
+def register_task(name: str, config: type, needs: str = "encoder"):
     """Decorator registering ``runner(run: EvalRun) -> list[Record]`` as eval task ``name`` with config section
-    ``config`` (a dataclass; its fields are the keys ``<name>.<field>``)."""
+    ``config`` (a dataclass; its fields are the keys ``<name>.<field>``). ``needs``: ``encoder`` (the run gets a
+    frozen vision encoder, ``run.encoder``) or ``vl`` (a whole VL-JEPA model, ``run.vl``)."""
+    if needs not in ("encoder", "vl"):
+        raise ValueError(f"eval task '{name}': needs '{needs}' is unknown (expected 'encoder' or 'vl')")
     if not name.isidentifier() or name in COMMON_KEYS:
         raise ValueError(f"eval task name '{name}' must be a Python identifier other than {list(COMMON_KEYS)}")
     if not dataclasses.is_dataclass(config):
@@ -88,7 +92,7 @@ def register_task(name: str, config: type):
             raise ValueError(f"eval task '{name}' is already registered (by {known.runner.__module__})")
         schema = dataclasses.make_dataclass(f"EvalConfig_{name}", [(name, config, field(default_factory=config))],
                                             bases=(EvalConfig,))
-        _TASKS[name] = TaskSpec(name, config, runner, schema)
+        _TASKS[name] = TaskSpec(name, config, runner, schema, needs)
         return runner
 
     return wrap
@@ -158,11 +162,12 @@ class EvalRun:
 
     task: str
     cfg: EvalConfig
-    encoder: FrozenEncoder
+    encoder: FrozenEncoder | None  # None for VL tasks
     data: str
     out: Path
     accelerator: object
     which: str
+    vl: object = None  # eval.vl_embed.LoadedVL for tasks that need a VL-JEPA model
     _train_classes: dict = field(default_factory=dict, init=False, repr=False)  # label column -> train's classes
 
     @property
@@ -172,7 +177,7 @@ class EvalRun:
 
     @property
     def img_size(self) -> int:
-        return self.cfg.features.img_size or self.encoder.img_size
+        return self.cfg.features.img_size or (self.encoder or self.vl).img_size
 
     @functools.cached_property
     def clips(self) -> ClipSettings | None:
@@ -250,10 +255,13 @@ class EvalRun:
         source and the label column (``label``) when one is named."""
         config = {"which": self.which, "img_size": self.img_size, "features": dataclasses.asdict(self.cfg.features),
                   self.task: dataclasses.asdict(self.section)}
-        if self.clips is not None:
+        if self.vl is not None:  # a VL-JEPA model: its checkpoint, no vision-feature settings
+            config.update(which="vl", checkpoint=str(self.vl.ckpt))
+            del config["features"]
+        elif self.clips is not None:
             config["clips"] = dict(dataclasses.asdict(self.clips), num_views=self.clips.num_views)
         if label is not None:
             config["label"] = label
         config.update(extra)
-        return Record(self.task, str(self.data), self.encoder.name, metric, float(value),
+        return Record(self.task, str(self.data), (self.encoder or self.vl).name, metric, float(value),
                       self.cfg.seed if seed is None else seed, config)

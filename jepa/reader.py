@@ -86,3 +86,17 @@ def load_checkpoint_encoder(path: str | Path, which: str | None = None) -> tuple
     return encoder.eval(), cfg, ckpt
 
 
+
+
+def load_checkpoint_parts(path: str | Path):
+    """(MethodParts with the online model and every teacher loaded, the training config, the checkpoint folder):
+    what evaluations of a whole method (VL-JEPA's ``jepa eval vqa``) read. The parts are rebuilt from the saved
+    config, so what the config points at (e.g. VL-JEPA's ``vl.x_encoder``) must still resolve."""
+    ckpt = resolve_checkpoint(path)
+    cfg = load_config(ckpt / "config.yaml")
+    parts = get_method(cfg.method).build(cfg)
+    load_strict(parts.model, read_weights(ckpt / MODEL_FILE), ckpt / MODEL_FILE)
+    for name, teacher in parts.teachers.items():
+        load_strict(teacher.module, read_weights(ckpt / teacher_file(name)), ckpt / teacher_file(name))
+    parts.model.eval()
+    return parts, cfg, ckpt

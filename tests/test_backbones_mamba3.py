@@ -141,7 +141,7 @@ def test_bad_options_raise_value_error(name, kwargs, message):
 
 @pytest.mark.parametrize("name,options,message", [
     ("transformer", {"d_state": 16}, "predictor backbone 'transformer' takes no option 'd_state' "
-                                     "(its options: mlp_ratio, qkv_bias, drop_path, gated_attention)"),
+                                     "(its options: mlp_ratio, qkv_bias, drop_path, gated_attention, causal, norm, norm_eps)"),
     ("mamba3", {"pattern": "MA", "gated_attention": True}, "predictor backbone 'mamba3' takes no options 'pattern', "
                                                            "'gated_attention' (its options: mlp_ratio, drop_path, "),
     ("hybrid", {"d_sate": 16}, "predictor backbone 'hybrid' takes no option 'd_sate' (its options: pattern, "),
@@ -153,12 +153,13 @@ def test_unknown_option_raises_value_error_naming_it(name, options, message):
 
 
 def test_backbone_options_are_what_each_builder_takes():
-    assert backbone_options("transformer") == ("mlp_ratio", "qkv_bias", "drop_path", "gated_attention")
+    assert backbone_options("transformer") == ("mlp_ratio", "qkv_bias", "drop_path", "gated_attention", "causal",
+                                              "norm", "norm_eps")
     mixer = {"d_state", "expand", "headdim", "ngroups", "mimo_rank", "use_rotation", "bidirectional", "chunk_size",
              "dt_min", "dt_max", "a_floor", "a_init", "kernel", "scan_settings"}
     assert set(backbone_options("mamba3")) == {"mlp_ratio", "drop_path"} | mixer
     assert set(backbone_options("hybrid")) == {"pattern", "mlp_ratio", "drop_path", "gated_attention",
-                                               "qkv_bias"} | mixer
+                                               "qkv_bias", "causal"} | mixer
     section = dict(SMALL, pattern="MA", gated_attention=False, qkv_bias=True, mlp_ratio=2.0, drop_path=0.1)
     for name in available_backbones():  # a config section holding every option: pass the chosen backbone's only
         build_backbone(name, DIM, 2, 4, **{k: v for k, v in section.items() if k in backbone_options(name)})
