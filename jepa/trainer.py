@@ -264,6 +264,8 @@ class Trainer:
         cfg = self.cfg.trainer
         self.accelerator.init_trackers("openjepa")
         self._print("resolved config:\n" + to_yaml(self.cfg))
+        trainable = sum(p.numel() for p in self.method.parameters() if p.requires_grad)
+        self._print(f"trainable parameters: {trainable:,}")
         self.resume()
         if self.state.step == 0 and self.monitors:
             self.run_monitors()  # random init: the baseline every result is compared with

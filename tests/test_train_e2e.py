@@ -29,11 +29,15 @@ def run_train(root, out, *overrides, subprocess_run=False):
 
 
 def weights(ckpt):
-    return load_file(str(ckpt / "model.safetensors")), load_file(str(ckpt / "target_encoder.safetensors"))
+    """The online model and every teacher of a checkpoint (its ``*.safetensors`` but the RNG states)."""
+    files = sorted(p for p in ckpt.glob("*.safetensors") if not p.name.startswith("rng_state"))
+    assert any(p.name == "model.safetensors" for p in files) and len(files) >= 2, files
+    return [load_file(str(p)) for p in files]
 
 
 def assert_same_weights(ckpt_a, ckpt_b):
-    """Online and target weights of two checkpoints are bit-identical."""
+    """Online and teacher weights of two checkpoints are bit-identical."""
+    assert len(weights(ckpt_a)) == len(weights(ckpt_b))
     for state_a, state_b in zip(weights(ckpt_a), weights(ckpt_b)):
         assert state_a.keys() == state_b.keys()
         for name in state_a:

@@ -272,7 +272,7 @@ def build_vl_predictor(cfg, x_dim: int, y_encoder: nn.Module) -> nn.Module:
     options = {name: getattr(p, name) for name in backbone_options(p.backbone) if hasattr(p, name)}
     tokenizer = y_encoder.tokenizer()
     predictor = VLPredictor(x_dim, y_encoder.embed_dim, dim=p.dim, depth=p.depth, num_heads=p.num_heads,
-                            mlp_ratio=p.mlp_ratio, backbone=p.backbone, query_embedding=v.query_embedding,
+                            backbone=p.backbone, query_embedding=v.query_embedding,
                             vocab_size=tokenizer.vocab_size, max_query_len=cfg.data.max_query_len,
                             query_dim=y_encoder.token_dim, use_query=v.use_query, **options)
     if p.init == "minilm":
