@@ -99,6 +99,8 @@ def main() -> None:
     parser.add_argument("--steps-flickr", type=int, default=600)
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--vqa-limit", type=int, default=0, help="evaluate the first N easy-VQA test questions (0: all)")
+    parser.add_argument("--caption", default="", help="variants whose Flickr model is also evaluated by vl-caption "
+                        "(caption bank and a trained Y-decoder: BLEU-4, CIDEr-D), comma-separated")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     out, runs = Path(args.out), Path(args.runs)
@@ -106,7 +108,7 @@ def main() -> None:
     logs = runs / "logs"  # the device tool returns at most 8 files: logs stay beside the runs
     logs.mkdir(parents=True, exist_ok=True)
     results_file = out / "results.jsonl"
-    summary = {}
+    summary, started = {}, time.perf_counter()
     for variant in args.variants.split(","):
         extra = [o.format(x_arch=args.x_arch) for o in VARIANTS[variant]]
         row = {"variant": variant}
@@ -122,11 +124,14 @@ def main() -> None:
             row.update({f"{dataset}_{k}": v for k, v in train_stats(log).items()})
             evals = ([["vqa", f"vqa.limit={args.vqa_limit}"]] if dataset == "vqa" else
                      [["vl-retrieval", "--data", args.flickr], ["vl-classify", "--data", args.imagenette]])
+            if dataset == "flickr" and variant in args.caption.split(","):
+                evals.append(["vl-caption", "--data", args.flickr])
             for task, *rest in evals:
                 run(eval_main, [task, "--encoder", str(run_dir), "--out", str(out), *rest],
                     logs / f"eval_{task}_{dataset}_{variant}.log")
             for (task, metric), value in records(results_file, str(run_dir)).items():
                 row[f"{task}:{metric}"] = value
+        row["wall_s"] = round(time.perf_counter() - started, 1)
         summary[variant] = row
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         print(json.dumps(row), flush=True)

@@ -113,6 +113,15 @@ class TextTokenizer:
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_backend": None}
 
+    def decode(self, ids: list[int]) -> str:
+        """Token ids -> text, special tokens dropped (a Y-decoder's output back to words)."""
+        backend = self._load()
+        if hasattr(backend, "decode"):
+            return backend.decode(ids, skip_special_tokens=True)
+        from open_clip.tokenizer import decode as clip_decode
+
+        return clip_decode(ids)
+
     def __call__(self, texts: list[str], max_length: int | None = None) -> dict[str, torch.Tensor]:
         for position, text in enumerate(texts):
             if not isinstance(text, str) or not text.strip():
