@@ -99,6 +99,7 @@ def main() -> None:
     parser.add_argument("--steps-flickr", type=int, default=600)
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--vqa-limit", type=int, default=0, help="evaluate the first N easy-VQA test questions (0: all)")
+    parser.add_argument("--datasets", default=",".join(DATASETS), help="vqa, flickr or both")
     parser.add_argument("--caption", default="", help="variants whose Flickr model is also evaluated by vl-caption "
                         "(caption bank and a trained Y-decoder: BLEU-4, CIDEr-D), comma-separated")
     parser.add_argument("overrides", nargs="*")
@@ -112,7 +113,8 @@ def main() -> None:
     for variant in args.variants.split(","):
         extra = [o.format(x_arch=args.x_arch) for o in VARIANTS[variant]]
         row = {"variant": variant}
-        for dataset, config in DATASETS.items():
+        for dataset in args.datasets.split(","):
+            config = DATASETS[dataset]
             run_dir = runs / f"{dataset}_{variant}"
             steps = args.steps_vqa if dataset == "vqa" else args.steps_flickr
             data = [] if dataset == "vqa" else [f"data.root={args.flickr}"]
@@ -127,8 +129,12 @@ def main() -> None:
             if dataset == "flickr" and variant in args.caption.split(","):
                 evals.append(["vl-caption", "--data", args.flickr])
             for task, *rest in evals:
-                run(eval_main, [task, "--encoder", str(run_dir), "--out", str(out), *rest],
-                    logs / f"eval_{task}_{dataset}_{variant}.log")
+                try:
+                    run(eval_main, [task, "--encoder", str(run_dir), "--out", str(out), *rest],
+                        logs / f"eval_{task}_{dataset}_{variant}.log")
+                except SystemExit as err:  # one failed evaluation is reported; the other runs go on
+                    print(f"{variant} {dataset} {task}: {err}", flush=True)
+                    row[f"{task}:failed"] = str(err)
             for (task, metric), value in records(results_file, str(run_dir)).items():
                 row[f"{task}:{metric}"] = value
         row["wall_s"] = round(time.perf_counter() - started, 1)

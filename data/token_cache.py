@@ -204,8 +204,11 @@ def _write(folder: Path, key: str, meta: dict, images: list[Path], encoder: nn.M
     home = _module_device(encoder)
     device = torch.device(device) if device is not None else home
     was_training = encoder.training
+    # its own generator: building a cache must not draw from the process RNG (dropout after a first build would
+    # then differ from a run that found the cache, and resume would not be exact)
     loader = torch.utils.data.DataLoader(_ImageList(images, img_size, on_corrupt), batch_size=batch_size,
-                                         num_workers=num_workers, collate_fn=_collate_images)
+                                         num_workers=num_workers, collate_fn=_collate_images,
+                                         generator=torch.Generator().manual_seed(0))
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext())
     normalize = DeviceNormalize()
     rows, missing = None, []
