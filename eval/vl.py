@@ -70,18 +70,21 @@ def vqa_predictions(embedder, source, img_size: int, device, batch_size: int = 2
     return nearest_candidate(pred, candidates), truth
 
 
-def _device(run: EvalRun):
+def vl_setup(run: EvalRun):
+    """(task section, embedder on the device, device, autocast) on the main process, None on the others (one
+    process embeds: the VL evaluation splits are small)."""
+    if not run.accelerator.is_main_process:
+        return None
     embedder = run.vl.embedder.to(run.accelerator.device)
-    return embedder, run.accelerator.device, run.accelerator.autocast
+    return run.section, embedder, run.accelerator.device, run.accelerator.autocast
 
 
 @register_task("vl_retrieval", config=RetrievalConfig, needs="vl")
 def run_vl_retrieval(run: EvalRun) -> list[Record]:
     """Image<->text retrieval R@k on a caption source (--data: the Flickr8k-1k folder; default: the training one)."""
-    if not run.accelerator.is_main_process:  # one process embeds: the splits are small
+    if (setup := vl_setup(run)) is None:
         return []
-    c = run.section
-    embedder, device, autocast = _device(run)
+    c, embedder, device, autocast = setup
     source = flickr_source(run.data, c.split, run.vl.cfg.data.split_file or None)
     recalls = caption_retrieval(embedder, source, c.query or run.vl.caption_query, run.img_size, device, c.ks,
                                 c.batch_size, autocast)
@@ -97,10 +100,9 @@ def run_vl_retrieval(run: EvalRun) -> list[Record]:
 @register_task("vl_classify", config=ClassifyConfig, needs="vl")
 def run_vl_classify(run: EvalRun) -> list[Record]:
     """Zero-shot classification of an image folder's split by the nearest class-name prompt (--data: Imagenette)."""
-    if not run.accelerator.is_main_process:  # one process embeds: the splits are small
+    if (setup := vl_setup(run)) is None:
         return []
-    c = run.section
-    embedder, device, autocast = _device(run)
+    c, embedder, device, autocast = setup
     samples, classes = scan_split(run.data, c.split)
     names = [IMAGENETTE_CLASSNAMES.get(name, name.replace("_", " ")) for name in classes]
     prompts = embed_texts(embedder, class_prompts(names, c.template), device, autocast=autocast)
@@ -119,10 +121,9 @@ def run_vl_classify(run: EvalRun) -> list[Record]:
 @register_task("vqa", config=VQAConfig, needs="vl")
 def run_vqa(run: EvalRun) -> list[Record]:
     """easy-VQA accuracy by the nearest candidate answer, overall and per question type (--data: easyvqa)."""
-    if not run.accelerator.is_main_process:  # one process embeds: the splits are small
+    if (setup := vl_setup(run)) is None:
         return []
-    c = run.section
-    embedder, device, autocast = _device(run)
+    c, embedder, device, autocast = setup
     source = easyvqa_source(c.split)
     pred, truth = vqa_predictions(embedder, source, run.img_size, device, c.batch_size, c.limit, autocast)
     hits = (pred == truth).cpu()

@@ -24,6 +24,7 @@ from .caption_metrics import bleu, cider
 from .decode import CaptionBank, GenerativeDecoder
 from .results import Record, format_table
 from .tasks import EvalRun, register_task
+from .vl import vl_setup
 from .vl_embed import embed_images, embed_texts
 
 DECODER_FILE, DECODER_CONFIG = "y_decoder.safetensors", "y_decoder.json"
@@ -79,11 +80,9 @@ def train_decoder(embedder, captions: list[str], c: CaptionConfig, device, autoc
 @register_task("vl_caption", config=CaptionConfig, needs="vl")
 def run_vl_caption(run: EvalRun) -> list[Record]:
     """Captions decoded from predicted embeddings (caption bank, trained Y-decoder): BLEU-4, CIDEr-D."""
-    if not run.accelerator.is_main_process:
+    if (setup := vl_setup(run)) is None:
         return []
-    c = run.section
-    embedder = run.vl.embedder.to(run.accelerator.device)
-    device, autocast = run.accelerator.device, run.accelerator.autocast
+    c, embedder, device, autocast = setup
     split_file = run.vl.cfg.data.split_file or None
     train, test = flickr_source(run.data, "train", split_file), flickr_source(run.data, c.split, split_file)
     train_captions = [p.target for p in train.pairs]

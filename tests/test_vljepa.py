@@ -147,6 +147,15 @@ def test_eval_tasks_print_their_tables(flickr_small, tmp_path, capsys):
     folder = make_subset(tmp_path / "imagenette", 1, 2, classes=3)
     records = eval_main(["vl-classify", "--encoder", str(run), "--data", str(folder), "--out", str(tmp_path / "eval")])
     assert "zero-shot top-1 %" in capsys.readouterr().out and records[0].metric == "zero_shot_top1"
+    records = eval_main(["vqa", "--encoder", str(run), "--out", str(tmp_path / "eval"), "vqa.limit=24"])
+    assert "question type" in capsys.readouterr().out and records[-1].metric == "accuracy"
+    records = eval_main(["vl-caption", "--encoder", str(run), "--data", str(flickr_small[0]), "--out",
+                         str(tmp_path / "eval"), "vl_caption.epochs=1", "vl_caption.decoder.dim=32",
+                         "vl_caption.decoder.depth=1", "vl_caption.decoder.num_heads=2"])
+    out = capsys.readouterr().out
+    assert "CIDEr-D" in out and {r.metric for r in records} == {"bank/BLEU-4", "bank/CIDEr-D", "generative/BLEU-4",
+                                                               "generative/CIDEr-D"}
+    assert (tmp_path / "eval" / "y_decoder.safetensors").is_file()
 
 
 @pytest.mark.parametrize("extra, message", [
