@@ -119,3 +119,28 @@ def retrieval_recalls(image_emb: torch.Tensor, text_emb: torch.Tensor, text_imag
 def nearest_candidate(pred: torch.Tensor, candidate_emb: torch.Tensor) -> torch.Tensor:
     """pred (Q, D), candidate_emb (C, D) normalised -> (Q,) index of the most similar candidate."""
     return (pred @ candidate_emb.T).argmax(1)
+
+
+def frame_embedder(embedder, query: str, img_size: int, device, autocast=contextlib.nullcontext):
+    """A callable: frames (B, 3, H, W) uint8 -> (B, Dy) L2-normalised predicted embeddings for ``query`` (each frame
+    resized on its short side and center-cropped to ``img_size``, as in evaluation). What a stream is embedded with."""
+    from torchvision.transforms import InterpolationMode, v2
+
+    from data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+    transform = v2.Compose([v2.Resize(img_size, interpolation=InterpolationMode.BICUBIC, antialias=True),
+                            v2.CenterCrop(img_size)])
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+    tokens_cache: dict[int, dict] = {}
+
+    @torch.no_grad()
+    def embed(frames: torch.Tensor) -> torch.Tensor:
+        pixels = transform(frames).to(device).float().div(255)
+        count = len(pixels)
+        if count not in tokens_cache:
+            tokens_cache[count] = _tokenize(embedder, [query] * count, device)
+        with autocast():
+            return embedder.image_query((pixels - mean) / std, tokens_cache[count]).float()
+
+    return embed
