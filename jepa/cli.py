@@ -4,6 +4,7 @@
     jepa eval {linear,attentive,knn,lowshot} --encoder X --data PATH [--out DIR] [key=value ...]
     jepa data make-motion --out DIR --per-class N   (the labelled camera-motion video set, data/motion.py)
     jepa export --ckpt DIR --to timm|hf|safetensors|onnx --out DIR [--which NAME] [--img-size N]
+    jepa stream --video PATH --ckpt DIR [--mode online|offline|uniform] [--fps 2] ...   (eval/stream_cli.py)
 
 Each subcommand imports its implementation lazily, inside its function.
 """
@@ -12,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-COMMANDS = ("train", "eval", "export", "data")
+COMMANDS = ("train", "eval", "export", "data", "stream")
 DATA_COMMANDS = ("make-motion",)
 
 
@@ -26,6 +27,12 @@ def run_eval(argv: list[str]) -> None:
     from eval.cli import main as eval_main
 
     eval_main(argv)
+
+
+def run_stream(argv: list[str]) -> None:
+    from eval.stream_cli import main as stream_main
+
+    stream_main(argv)
 
 
 def run_data(argv: list[str]) -> None:
@@ -57,9 +64,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="jepa", description="openjepa: train, evaluate and export JEPA encoders")
     parser.add_argument("command", choices=COMMANDS,
                         help="train: pretrain (same arguments as train.py); eval: frozen evaluations; export: "
-                             "encoder-only export; data: build datasets (make-motion)")
+                             "encoder-only export; data: build datasets (make-motion); stream: caption a video, "
+                             "decoding only when its meaning changes")
     args, _ = parser.parse_known_args(argv[:1])
-    {"train": run_train, "eval": run_eval, "export": run_export, "data": run_data}[args.command](argv[1:])
+    {"train": run_train, "eval": run_eval, "export": run_export, "data": run_data,
+     "stream": run_stream}[args.command](argv[1:])
 
 
 if __name__ == "__main__":
