@@ -414,10 +414,11 @@ def main(argv=None) -> dict:
     for metric, result in matched.items():
         ref = result["reference"]
         print(f"\nmatched {metric} (uniform 1 s: {ref[metric]:.3f} at {ref['rate']:.3f} decodes/s):")
+        if "note" in ref:
+            print(f"  {ref['note']}")
+            continue
         for policy, entry in result.items():
-            if policy == "reference" and "note" in entry:
-                print(f"  {entry['note']}")
-            elif policy != "reference":
+            if policy != "reference":
                 print(f"  {policy}: " + ("never reaches it" if entry["rate"] is None else
                                          f"rate {entry['rate']:.3f}/s, decode-reduction x{entry['factor']:.2f}"))
     print(f"\nonline decision time: {latency['decision_ms_per_step']:.3f} ms per step (mean over settings)")
