@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from jepa.precision import PRECISIONS, autocast_context, resolve_precision
+
 from .streaming import (Decode, OnlineDetector, STATISTICS, UniformDetector, VideoStream, embed_stream,
                         offline_decodes, run_online)
 
@@ -45,7 +47,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--smooth", type=int, default=3, help="online: moving average over this many embeddings")
     parser.add_argument("--window", type=int, default=1, help="embed each step as the mean of the last N frames")
     parser.add_argument("--batch", type=int, default=1, help="frames embedded per model call (adds latency)")
-    parser.add_argument("--every", type=float, default=1.0, help="uniform: seconds between decodes")
+    parser.add_argument("--every", type=float, default=None, help="uniform: seconds between decodes (default 1)")
     parser.add_argument("--segments", type=int, default=None, help="offline: number of segments")
     parser.add_argument("--distance-threshold", type=float, default=None,
                         help="offline: Ward merge distance where merging stops (instead of --segments)")
@@ -57,9 +59,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--jsonl", default=None, help="write the decodes here (JSON lines t, text, reason)")
     parser.add_argument("--srt", default=None, help="write SRT subtitles here")
     parser.add_argument("--threads", type=int, default=1, help="video decoding threads")
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS, help="auto: bf16 autocast on CUDA")
     args = parser.parse_args(argv)
-    if args.mode == "offline" and args.segments is None and args.distance_threshold is None:
-        parser.error("--mode offline needs --segments N or --distance-threshold X")
+    if args.mode == "offline" and (args.segments is None) == (args.distance_threshold is None):
+        parser.error("--mode offline needs one of --segments N and --distance-threshold X")
+    if args.mode != "offline" and (args.segments is not None or args.distance_threshold is not None):
+        parser.error(f"--segments / --distance-threshold are for --mode offline, not '{args.mode}'")
+    if args.mode != "uniform" and args.every is not None:
+        parser.error(f"--every is for --mode uniform, not '{args.mode}'")
+    args.every = 1.0 if args.every is None else args.every
     return args
 
 
@@ -98,7 +106,8 @@ class JsonlWriter:
 
     def write(self, decode: Decode) -> None:
         if self.handle is not None:
-            self.handle.write(json.dumps({"t": round(decode.t, 6), "text": decode.text, "reason": decode.reason}) + "\n")
+            record = {"t": round(decode.t, 6), "text": decode.text, "reason": decode.reason}
+            self.handle.write(json.dumps(record) + "\n")
             self.handle.flush()
 
     def close(self) -> None:
@@ -106,7 +115,7 @@ class JsonlWriter:
             self.handle.close()
 
 
-def build_bank(vl, bank: str | None, split_file: str | None, device):
+def build_bank(vl, bank: str | None, split_file: str | None, device, autocast):
     """The ``CaptionBank`` of the distinct train captions of the Flickr folder ``bank`` (default: the model's)."""
     from data.vl_sources import flickr_source
 
@@ -121,7 +130,7 @@ def build_bank(vl, bank: str | None, split_file: str | None, device):
         bank = data.root
     split_file = split_file or data.split_file or None
     captions = flickr_source(bank, "train", split_file).targets
-    return CaptionBank(captions, embed_texts(vl.embedder, captions, device)), bank, len(captions)
+    return CaptionBank(captions, embed_texts(vl.embedder, captions, device, autocast=autocast)), bank, len(captions)
 
 
 def main(argv: list[str] | None = None) -> list[Decode]:
@@ -133,17 +142,22 @@ def main(argv: list[str] | None = None) -> list[Decode]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     vl = load_vl(args.ckpt)
     vl.embedder.to(device)
+    autocast = autocast_context(resolve_precision(args.precision, device.type), device.type)
     query = args.query if args.query is not None else vl.caption_query
-    bank, bank_root, bank_size = build_bank(vl, args.bank, args.split_file, device)
+    bank, bank_root, bank_size = build_bank(vl, args.bank, args.split_file, device, autocast)
     print(f"stream {args.video} at {args.fps:g} fps, {args.mode} decoding, query {query!r}, bank of {bank_size} "
           f"captions from {bank_root}, on {device}", flush=True)
-    embed = frame_embedder(vl.embedder, query, vl.img_size, device)
+    embed = frame_embedder(vl.embedder, query, vl.img_size, device, autocast)
     steps = embed_stream(stream, embed, batch=args.batch, window=args.window)
     jsonl = JsonlWriter(args.jsonl)
 
     def emit(decode: Decode) -> None:
         print(format_line(decode), flush=True)
         jsonl.write(decode)
+
+    def keep(decode: Decode) -> None:  # online / uniform: kept as they happen, so an interruption loses none
+        decodes.append(decode)
+        emit(decode)
 
     decodes: list[Decode] = []
     last_t, interrupted, decision_ms = None, False, 0.0
@@ -166,7 +180,7 @@ def main(argv: list[str] | None = None) -> list[Decode]:
                         OnlineDetector(args.threshold, args.min_interval, args.max_interval, args.smooth,
                                        args.statistic, args.drift))
             try:
-                run_online(timed_steps(), detector, bank.decode, lambda d: (decodes.append(d), emit(d)))
+                run_online(timed_steps(), detector, bank.decode, keep)
             finally:
                 decision_ms = detector.mean_decision_ms
     except KeyboardInterrupt:
@@ -182,7 +196,9 @@ def main(argv: list[str] | None = None) -> list[Decode]:
     finally:
         jsonl.close()
     wall = time.perf_counter() - started
-    seconds = 0.0 if last_t is None else last_t + 1 / args.fps
+    seconds = 0.0 if last_t is None else last_t + 1 / args.fps  # the last frame is shown for one sampling period
+    if stream.duration:
+        seconds = min(seconds, stream.duration)
     if args.srt:
         write_srt(args.srt, decodes, seconds)
     rate = len(decodes) / seconds if seconds else 0.0

@@ -297,14 +297,19 @@ class OnlineDetector(_Timed):
     step(t, embedding (D,)) -> ``Decode`` (text None; the caller decodes) or None.
     - the first step decodes (``"first"``);
     - ``statistic="cosine"``: distance ``d = 1 - cos(smoothed, anchor)`` where ``smoothed`` is the mean of the last
-      ``smooth`` embeddings and ``anchor`` the embedding of the last decode; ``d > threshold`` -> ``"change"``;
+      ``smooth`` embeddings and ``anchor`` the embedding of the last decode; ``d > threshold`` -> ``"change"``.
+      With ``smooth = k``, an abrupt change between orthogonal embeddings gives d = 1 - (k - j) / sqrt((k - j)^2 +
+      j^2) after j steps (k = 3: 0.106, 0.553, 1), so the smoothing trades up to k - 1 steps of lag for noise;
     - ``statistic="cusum"``: ``d = 1 - cos(smoothed, segment mean)``, the mean of the current segment's in-control
       steps (those that leave S at 0; reset to the decoded embedding at each decode); ``S = max(0, S + d - drift)``,
       ``S > threshold`` -> ``"change"``. A jump of ``Δ`` above ``drift`` fires after about ``threshold / Δ`` steps;
       a slow drift accumulates and fires too;
     - a change waits until ``t - t_last >= min_interval``; ``max_interval > 0`` forces a decode
       (``"max_interval"``) once ``t - t_last >= max_interval``.
-    The decoded embedding is the L2-normalised smoothed one. ``state_nbytes`` is the tensor state (constant).
+    The moving average restarts at each decode, so no window mixes two segments: the decoded embedding is the
+    smoothed embedding of the new segment so far (the decoding step's), and while the window fills with the new
+    segment the cosine anchor follows its mean (settling) instead of staying on that one step.
+    ``state_nbytes``: the tensor state, (smooth, D) + (D,) floats whatever the stream's length.
     """
 
     def __init__(self, threshold: float, min_interval: float = 1.0, max_interval: float = 0.0, smooth: int = 1,
@@ -320,7 +325,8 @@ class OnlineDetector(_Timed):
         if max_interval and max_interval < min_interval:
             raise ValueError(f"OnlineDetector max_interval {max_interval} is below min_interval {min_interval} "
                              f"(expected 0 for none, or >= min_interval)")
-        self.threshold, self.min_interval, self.max_interval = float(threshold), float(min_interval), float(max_interval)
+        self.threshold, self.min_interval = float(threshold), float(min_interval)
+        self.max_interval = float(max_interval)
         self.smooth, self.statistic, self.drift = int(smooth), statistic, float(drift)
         self.decision_seconds, self.steps = 0.0, 0
         self._ring = _Ring(self.smooth)
@@ -333,11 +339,6 @@ class OnlineDetector(_Timed):
     @property
     def state_nbytes(self) -> int:
         return self._ring.nbytes + (0 if self._anchor is None else self._anchor.nbytes)
-
-    @property
-    def statistic_value(self) -> float:
-        """The current CUSUM sum S (cusum), 0 for cosine."""
-        return self._cusum
 
     def _decide(self, t: float, embedding: torch.Tensor) -> Decode | None:
         embedding = _check_embedding(embedding, self._dim, self.steps)
@@ -463,7 +464,8 @@ def offline_segments(embeddings: torch.Tensor, n_segments: int | None = None,
         import scipy.sparse
         from sklearn.cluster import AgglomerativeClustering
     except ImportError as err:
-        raise ImportError(f"offline segmentation needs scikit-learn and scipy ({err}); pip install scikit-learn") from err
+        raise ImportError(f"offline segmentation needs scikit-learn and scipy ({err}); "
+                          f"pip install scikit-learn") from err
 
     chain = scipy.sparse.diags([1.0, 1.0], [-1, 1], shape=(count, count), format="csr")
     labels = AgglomerativeClustering(n_clusters=n_segments, distance_threshold=distance_threshold, linkage="ward",

@@ -3,6 +3,7 @@ boundaries of a piecewise-constant embedding stream and nowhere else, with close
 recovers the same boundaries; the detector's memory does not grow with the stream; VideoStream samples the real
 bikes.mp4 by timestamp and ends a truncated copy cleanly; the CLI captions a video end to end (printed lines,
 JSONL, SRT) and keeps the decodes of a truncated one."""
+import functools
 import json
 import logging
 import math
@@ -14,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import eval.vl_embed
 import train
 from data.vl_sources import write_flickr_split
 from eval.streaming import (Decode, Frame, OnlineDetector, UniformDetector, VideoStream, embed_stream, frames_from,
@@ -122,6 +124,11 @@ def test_uniform_decodes_on_a_fixed_grid():
     torch.testing.assert_close(decodes[1].embedding, embeddings[3])
     gap = uniform_decodes([0.0, 0.5, 5.0, 5.5, 6.0], embeddings[:5], every=1.0)  # a gap covers many grid points
     assert [d.t for d in gap] == [0.0, 5.0, 6.0]
+    detector = UniformDetector(2.0)
+    assert [d.index for d in run_online(zip(times, embeddings), detector)] == [0, 4, 8, 12, 16]
+    assert detector.steps == 20
+    with pytest.raises(ValueError, match="'every' must be a number > 0"):
+        UniformDetector(0)
 
 
 def test_embed_stream_windows_and_batches():
@@ -164,7 +171,7 @@ def test_online_memory_does_not_grow_with_the_stream(statistic):
     long_peak, long, long_detector = _stationary_run(20_000, statistic)
     assert len(short) == len(long) == 1  # one scene: only the first decode
     assert long_detector.steps == 20_000 and long_detector.state_nbytes == short_detector.state_nbytes
-    assert long_detector.state_nbytes == (3 + 1 + 1) * DIM * 4  # ring (3, D) + its sum + the anchor, fp32
+    assert long_detector.state_nbytes == (3 + 1) * DIM * 4  # the ring (3, D) and the anchor (D,), fp32
     assert long_peak < short_peak + 4096, (short_peak, long_peak)  # a history of 18,000 more steps would be >100 kB
 
 
@@ -196,7 +203,8 @@ def faststart_copy(src, dst):
 
     with av.open(str(src)) as source, av.open(str(dst), "w", options={"movflags": "faststart"}) as out:
         video = source.streams.video[0]
-        stream = out.add_stream_from_template(video)
+        add = getattr(out, "add_stream_from_template", None)  # PyAV >= 13; older: add_stream(template=...)
+        stream = add(video) if add else out.add_stream(template=video)
         for packet in source.demux(video):
             if packet.dts is not None:
                 packet.stream = stream
@@ -224,7 +232,8 @@ def test_truncated_video_ends_the_stream_cleanly(tmp_path, caplog):
     frames = list(stream)
     assert 4 <= len(frames) < 20 and [f.t for f in frames] == [0.5 * k for k in range(len(frames))]
     assert all(torch.equal(f.image, g.image) for f, g in zip(frames, full))
-    assert stream.error is not None and "fast_cut.mp4" in stream.error and f"t={0.5 * len(frames):.2f} s" in stream.error
+    assert stream.error is not None and "fast_cut.mp4" in stream.error
+    assert f"ended early at t={0.5 * len(frames):.2f} s" in stream.error  # the first time not yielded
     assert any("fast_cut.mp4" in r.getMessage() and "ended early" in r.getMessage() for r in caplog.records)
     with pytest.raises(FileNotFoundError, match="nope.mp4"):
         VideoStream(tmp_path / "nope.mp4")
@@ -270,7 +279,11 @@ def srt_cues(text):
     return cues
 
 
+_load_vl_once = functools.cache(eval.vl_embed.load_vl)
+
+
 def run_cli(capsys, *argv):
+    """``jepa stream ARGV`` in process (the model read once per test session) -> (parsed decode lines, stdout)."""
     from jepa.cli import main as jepa_main
 
     capsys.readouterr()
@@ -279,7 +292,13 @@ def run_cli(capsys, *argv):
     return [LINE.match(line).groups() for line in out.splitlines() if line.startswith("[")], out
 
 
-def test_stream_cli_end_to_end(tiny_vl, tmp_path, capsys):
+@pytest.fixture
+def model_read_once(monkeypatch):
+    monkeypatch.setattr(eval.vl_embed, "load_vl", _load_vl_once)
+
+
+@pytest.mark.slow
+def test_stream_cli_end_to_end(tiny_vl, tmp_path, capsys, model_read_once):
     _require(BIKES)
     ckpt, bank_root = tiny_vl
     captions = {line.split(",", 1)[1] for line in (bank_root / "captions.txt").read_text().splitlines()[1:]}
@@ -298,15 +317,14 @@ def test_stream_cli_end_to_end(tiny_vl, tmp_path, capsys):
     assert re.search(rf"summary: {len(lines)} decodes over 10\.0 s of stream \(\d+\.\d\d per second\), "
                      r"decision latency \d+\.\d{3} ms per step", out)
 
-    lines, _ = run_cli(capsys, "--video", str(BIKES), "--ckpt", str(ckpt), "--fps", "1", "--bank", str(bank_root),
-                       "--mode", "uniform", "--every", "2")
-    assert [(t, reason) for t, reason, _ in lines] == [("0.0", "first")] + [(f"{t}.0", "uniform") for t in (2, 4, 6, 8)]
-    lines, _ = run_cli(capsys, "--video", str(BIKES), "--ckpt", str(ckpt), "--fps", "1", "--bank", str(bank_root),
-                       "--mode", "offline", "--segments", "3")
-    assert len(lines) == 3 and lines[0][0] == "0.0" and {reason for _, reason, _ in lines} == {"segment"}
+    lines, out = run_cli(capsys, "--video", str(BIKES), "--ckpt", str(ckpt), "--fps", "0.5", "--bank",
+                         str(bank_root), "--mode", "offline", "--segments", "2")
+    assert len(lines) == 2 and lines[0][0] == "0.0" and {reason for _, reason, _ in lines} == {"segment"}
+    assert "summary: 2 decodes over 10.0 s of stream (0.20 per second)" in out
 
 
-def test_stream_cli_keeps_the_decodes_of_a_truncated_video(tiny_vl, tmp_path, capsys):
+@pytest.mark.slow
+def test_stream_cli_keeps_the_decodes_of_a_truncated_video(tiny_vl, tmp_path, capsys, model_read_once):
     _require(BIKES)
     ckpt, bank_root = tiny_vl
     cut = truncated(faststart_copy(BIKES, tmp_path / "fast.mp4"), tmp_path / "cut.mp4")
@@ -317,4 +335,6 @@ def test_stream_cli_keeps_the_decodes_of_a_truncated_video(tiny_vl, tmp_path, ca
     printed = [LINE.match(line).groups() for line in capsys.readouterr().out.splitlines() if line.startswith("[")]
     records = [json.loads(line) for line in jsonl.read_text().splitlines()]
     assert 3 <= len(records) < 10 and len(records) == len(printed) == len(srt_cues(srt.read_text()))
-    assert [r["t"] for r in records] == [float(k) for k in range(len(records))]
+    assert [(r["t"], r["reason"]) for r in records] == [(0.0, "first")] + [(float(k), "uniform")
+                                                                           for k in range(1, len(records))]
+    assert [(f"{r['t']:.1f}", r["reason"], r["text"]) for r in records] == printed
