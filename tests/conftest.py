@@ -35,6 +35,27 @@ def make_subset(dest: Path, train_per_class: int, val_per_class: int, classes: i
     return dest
 
 
+FLICKR = REPO.parent / "shared" / "data" / "flickr8k-1k"
+
+
+def make_flickr_subset(dest: Path, count: int = 24, sizes: dict | None = None) -> tuple[Path, Path]:
+    """(folder, split file): the first ``count`` real Flickr8k-1k images (symlinks) with their captions, split
+    16/4/4 (or ``sizes``) by a split file of their own."""
+    from data.vl_sources import write_flickr_split
+
+    if not FLICKR.is_dir():
+        raise FileNotFoundError(f"real test data missing: expected Flickr8k-1k at {FLICKR} (see ../shared/data)")
+    (dest / "images").mkdir(parents=True)
+    names = sorted(p.name for p in (FLICKR / "images").iterdir())[:count]
+    for name in names:
+        (dest / "images" / name).symlink_to(FLICKR / "images" / name)
+    lines = (FLICKR / "captions.txt").read_text().splitlines()
+    keep = [lines[0]] + [line for line in lines[1:] if line.split(",", 1)[0] in set(names)]
+    (dest / "captions.txt").write_text("\n".join(keep) + "\n")
+    sizes = sizes or {"train": count - 2 * (count // 6), "val": count // 6, "test": count // 6}
+    return dest, write_flickr_split(dest, dest / "split.json", sizes)
+
+
 @pytest.fixture(scope="session")
 def imagenette_small(tmp_path_factory) -> Path:
     """10 classes x 8 train / 4 val real images."""

@@ -10,22 +10,19 @@ import math
 import re
 import tracemalloc
 
-import decord
 import pytest
 import torch
 import torch.nn.functional as F
 
 import eval.vl_embed
 import train
-from data.vl_sources import write_flickr_split
 from eval.streaming import (Decode, Frame, OnlineDetector, UniformDetector, VideoStream, embed_stream, frames_from,
                             offline_decodes, offline_segments, run_online, uniform_decodes)
 
-from conftest import REPO
+from conftest import REPO, make_flickr_subset
 
 VIDEOS = REPO.parent / "shared" / "data" / "videos"
 BIKES = VIDEOS / "bikes.mp4"  # 640x272, 25 fps, 250 frames = 10 s
-FLICKR = REPO.parent / "shared" / "data" / "flickr8k-1k"
 SEGMENT, SEGMENTS, DIM, STEP = 12, 5, 32, 0.5
 BOUNDARIES = [SEGMENT * k for k in range(1, SEGMENTS)]
 
@@ -190,6 +187,8 @@ def test_video_stream_samples_by_timestamp():
     stream = VideoStream(BIKES, fps=3)
     frames = list(stream)
     assert stream.error is None and stream.duration == pytest.approx(10.0) and len(frames) == 30
+    import decord  # here, not at import: decord's bundled libraries break torchvision's PNG decoder in forked workers
+
     reference = decord.VideoReader(str(BIKES), num_threads=1)
     for frame in frames[::7]:  # the frame shown at t: index floor(t * 25) of a constant-rate video
         expected = torch.from_numpy(reference[math.floor(frame.t * 25 + 1e-6)].asnumpy()).permute(2, 0, 1)
@@ -244,17 +243,7 @@ def test_truncated_video_ends_the_stream_cleanly(tmp_path, caplog):
 @pytest.fixture(scope="module")
 def tiny_vl(tmp_path_factory):
     """A 1-step VL-JEPA checkpoint trained on 24 real Flickr images (16 train: the 80-caption decode bank)."""
-    if not FLICKR.is_dir():
-        raise FileNotFoundError(f"real test data missing: expected Flickr8k-1k at {FLICKR} (see ../shared/data)")
-    root = tmp_path_factory.mktemp("flickr")
-    (root / "images").mkdir()
-    names = sorted(p.name for p in (FLICKR / "images").iterdir())[:24]
-    for name in names:
-        (root / "images" / name).symlink_to(FLICKR / "images" / name)
-    lines = (FLICKR / "captions.txt").read_text().splitlines()
-    keep = [lines[0]] + [line for line in lines[1:] if line.split(",", 1)[0] in set(names)]
-    (root / "captions.txt").write_text("\n".join(keep) + "\n")
-    split = write_flickr_split(root, root / "split.json", {"train": 16, "val": 4, "test": 4})
+    root, split = make_flickr_subset(tmp_path_factory.mktemp("flickr"))
     out = tmp_path_factory.mktemp("vl_ckpt")
     train.main(["--config", str(REPO / "configs" / "vljepa" / "tiny_cpu.yaml"), "trainer.max_steps=1",
                 "trainer.checkpoint_every=1", "data.img_size=32", "data.batch_size=8", "data.num_workers=0",

@@ -2,7 +2,6 @@
 on-the-fly X-encoder, the Y-encoder trains at its LR multiplier, a small aligned set is memorised (R@1 = 1), eval
 tasks print their tables, config errors name their keys."""
 import math
-import shutil
 
 import pytest
 import torch
@@ -10,16 +9,14 @@ import torch
 import train
 from data.loaders import build_pretrain_loader
 from data.transforms import DeviceNormalize
-from data.vl_sources import write_flickr_split
 from eval.vl_embed import nearest_candidate, retrieval_recalls
 from jepa.config import ConfigError, load_config
 from jepa.methods import build_method
 from jepa.trainer import param_groups
 
-from conftest import REPO
+from conftest import REPO, make_flickr_subset
 from test_train_e2e import assert_same_weights
 
-FLICKR = REPO.parent / "shared" / "data" / "flickr8k-1k"
 CONFIG = str(REPO / "configs" / "vljepa" / "tiny_cpu.yaml")
 SMALL = ["vl.x_encoder=random:vit_tiny", "data.img_size=32", "data.batch_size=8", "data.num_workers=0",
          "predictor.dim=64", "predictor.num_heads=2", "predictor.depth=1", "trainer.progress_bar=false",
@@ -29,18 +26,7 @@ SMALL = ["vl.x_encoder=random:vit_tiny", "data.img_size=32", "data.batch_size=8"
 @pytest.fixture(scope="module")
 def flickr_small(tmp_path_factory):
     """24 real Flickr8k images with their captions, split 16/4/4 by a split file of their own."""
-    if not FLICKR.is_dir():
-        raise FileNotFoundError(f"real test data missing: expected Flickr8k-1k at {FLICKR} (see ../shared/data)")
-    root = tmp_path_factory.mktemp("flickr")
-    (root / "images").mkdir()
-    names = sorted(p.name for p in (FLICKR / "images").iterdir())[:24]
-    for name in names:
-        (root / "images" / name).symlink_to(FLICKR / "images" / name)
-    lines = (FLICKR / "captions.txt").read_text().splitlines()
-    keep = [lines[0]] + [line for line in lines[1:] if line.split(",", 1)[0] in set(names)]
-    (root / "captions.txt").write_text("\n".join(keep) + "\n")
-    split = write_flickr_split(root, root / "split.json", {"train": 16, "val": 4, "test": 4})
-    return root, split
+    return make_flickr_subset(tmp_path_factory.mktemp("flickr"))
 
 
 def overrides(flickr, out, *extra):
