@@ -18,6 +18,7 @@ Decoding (``decode_fn``) is any ``emb (1, D) -> [text]``, e.g. ``eval.decode.Cap
 """
 from __future__ import annotations
 
+import abc
 import logging
 import math
 import time
@@ -259,8 +260,8 @@ class _Ring:
 
 # ------------------------------------------------------------------------------------------------------- online
 
-class _Timed:
-    """Decision wall time: ``decision_seconds`` (sum over steps) and ``steps``; ``mean_decision_ms``."""
+class _Timed(abc.ABC):
+    """A detector's ``step`` around its ``_decide``, timed: decision wall time: ``decision_seconds`` (sum over steps) and ``steps``; ``mean_decision_ms``."""
 
     decision_seconds: float = 0.0
     steps: int = 0
@@ -277,8 +278,9 @@ class _Timed:
             self.decision_seconds += time.perf_counter() - start
             self.steps += 1
 
+    @abc.abstractmethod
     def _decide(self, t: float, embedding: torch.Tensor) -> Decode | None:
-        raise NotImplementedError
+        """The detector's decision for one step (Decode or None)."""
 
 
 def _check_embedding(embedding: torch.Tensor, dim: int | None, index: int) -> torch.Tensor:
