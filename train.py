@@ -10,8 +10,7 @@ import sys
 
 import torch
 
-from data.loaders import build_pretrain_loader
-from data.transforms import DeviceNormalize
+from data.loaders import build_pretrain_loader, pipeline_device_transform
 from eval.monitor import build_training_monitors
 from jepa.config import load_config
 from jepa.methods import get_method
@@ -47,13 +46,21 @@ def main(argv: list[str] | None = None) -> dict:
                                                   accelerator.num_processes,
                                                   pin_memory=accelerator.device.type == "cuda")
     trainer = Trainer(cfg, parts, loader, batch_sampler, build_training_monitors(cfg), accelerator,
-                      device_transform=DeviceNormalize())
+                      device_transform=pipeline_device_transform(spec.pipeline, cfg))
     state = trainer.fit()
     if accelerator.is_main_process:
         for name, by_step in monitor_history(state.monitors).items():
             first, last = min(by_step), max(by_step)
             label = f"kNN accuracy (k={cfg.monitor.knn_k})" if name == "knn" else f"monitor {name}"
             print(f"{label}: random init {by_step[first]:.4f} | after {last} steps {by_step[last]:.4f}", flush=True)
+        if cfg.trainer.plot:
+            from eval.health_plot import plot_health  # matplotlib only when a plot is asked for
+
+            title = f"{cfg.method} {config_path or ''} ({state.step} steps)"
+            try:
+                print(f"health plot: {plot_health(cfg.trainer.output_dir, title=title)}", flush=True)
+            except FileNotFoundError as err:  # no events (no tracker): the run itself succeeded
+                logging.getLogger(__name__).warning("health plot skipped: %s", err)
     return state.to_dict()
 
 

@@ -1,6 +1,7 @@
 """The one batch type every collator builds and every method reads.
 
-    Batch(pixels, masks=[MaskBatch, ...], text={...} | None, labels=(B,) | None, skipped=scalar, tokens=None)
+    Batch(pixels, masks=[MaskBatch, ...], text={...} | None, labels=(B,) | None, skipped=scalar, tokens=None,
+          views=None)
 
 - ``pixels``: images (B, C, H, W) or clips (B, C, T, H, W); uint8 out of the workers (4x less to pin and copy),
   float after the device transform (``data.transforms.DeviceNormalize``).
@@ -12,6 +13,7 @@
 - ``skipped``: 0-d long tensor, how many items of the batch were dropped (corrupt files).
 - ``tokens``: precomputed input-encoder tokens (B, N, D) (bf16 or fp32) when the pipeline reads a token cache; then
   ``pixels`` is None.
+- ``views``: multi-crop views (LeJEPA) as a ``MultiView``, with ``pixels`` None.
 
 ``batch.to(device)`` moves every tensor, recursively (lists, dicts, dataclasses such as ``MaskBatch``);
 ``pin_memory()`` is what the DataLoader calls with ``pin_memory=True``; ``len(batch)`` is the number of samples.
@@ -42,6 +44,25 @@ def map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
 
 
 @dataclass
+class MultiView:
+    """Several augmented views of each image (``data.multicrop``).
+
+    - ``crops``: one tensor (B, V_i, C, H_i, W_i) per crop size, global views first (LeJEPA: global, local);
+      uint8 out of the workers, normalised floats after the device transform;
+    - ``color``: the per-view colour-augmentation parameters (``data.multicrop.ColorParams``, fields (B, V, ...)
+      over all views in crop order) that the device transform applies, or None once applied (or applied in the
+      workers).
+    """
+
+    crops: list[torch.Tensor]
+    color: Any = None
+
+    @property
+    def num_views(self) -> tuple[int, ...]:
+        return tuple(crop.shape[1] for crop in self.crops)
+
+
+@dataclass
 class Batch:
     pixels: torch.Tensor | None
     masks: list[MaskBatch] = field(default_factory=list)
@@ -49,9 +70,13 @@ class Batch:
     labels: torch.Tensor | None = None
     skipped: torch.Tensor = field(default_factory=lambda: torch.tensor(0))
     tokens: torch.Tensor | None = None
+    views: MultiView | None = None
 
     def __len__(self) -> int:
-        return (self.pixels if self.pixels is not None else self.tokens).shape[0]
+        for tensor in (self.pixels, self.tokens):
+            if tensor is not None:
+                return tensor.shape[0]
+        return self.views.crops[0].shape[0]
 
     def to(self, device, non_blocking: bool = False) -> "Batch":
         return map_tensors(self, lambda t: t.to(device, non_blocking=non_blocking))

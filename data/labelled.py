@@ -52,6 +52,7 @@ class LabelledSource(torch.utils.data.Dataset, abc.ABC):
     samples: list[tuple[Path, int]]
     classes: list[str]
     transform: Callable
+    location: str = "a labelled source"  # what errors name: the split folder, the manifest
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -226,7 +227,7 @@ class ClipViews(LabelledSource):
                                       frame_step=settings.frame_step, num_clips=settings.num_clips, sampling="uniform",
                                       label_column=label_column, classes=classes, on_corrupt=on_corrupt,
                                       num_threads=num_threads, indices=indices)
-        self.samples, self.classes = self.clips.samples, self.clips.classes
+        self.samples, self.classes, self.location = self.clips.samples, self.clips.classes, self.clips.location
         self.settings, self.label_column = settings, label_column
         self.transform = ClipCrops(img_size, settings.num_crops)
 
@@ -259,7 +260,8 @@ def open_labelled_source(root: str | Path, split: str, transform: Callable | int
     ``transform``: an int is the deterministic eval view at that size (images: resize + center crop; clips: short
     side resized, ``clips.num_crops`` crops); a callable is the image transform of an image folder. Clip sources need
     ``clips`` (clip length, step, views); ``label_column`` names a manifest's label column (None: 'label', see
-    ``default_label_column``); ``classes`` fixes a clip source's class list (val takes train's)."""
+    ``default_label_column``); ``classes`` fixes the class list (an image folder's default is its train split's,
+    ``data.folder.root_classes``; a clip source's val takes train's from the caller)."""
     layout = find_labelled_source(root, split)
     if layout.kind == "images":
         from .folder import ImageFolderDataset  # data.folder subclasses LabelledSource
@@ -268,7 +270,7 @@ def open_labelled_source(root: str | Path, split: str, transform: Callable | int
             raise LabelledSourceError(f"data '{root}' is an image folder: its one label is the class folder, so it "
                                       f"has no label column '{label_column}' (label columns name CSV manifest columns)")
         view = eval_transform(transform) if isinstance(transform, int) else transform
-        return ImageFolderDataset(root, split, view, on_corrupt=on_corrupt, indices=indices)
+        return ImageFolderDataset(root, split, view, on_corrupt=on_corrupt, indices=indices, classes=classes)
     if clips is None:
         raise LabelledSourceError(f"data '{root}' is a clip source ({layout.path}): reading it needs clip settings "
                                   f"(frames per clip, frame step)")
@@ -291,18 +293,18 @@ def per_class_subset(labels: list[int], per_class: int, seed: int) -> list[int] 
     return per_class_choice(labels, per_class, seed, allow_fewer=True)
 
 
-def collate_labelled(items: list) -> tuple[torch.Tensor, torch.Tensor]:
-    """Items -> (pixels (B, ...), labels (B,)), skipped items dropped; a batch with nothing left is an error naming
-    why its first item was skipped."""
+def collate_labelled(items: list) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Items -> (pixels (B, ...), labels (B,)), skipped items dropped; None when every item was skipped (each was
+    logged with its file; the consumer, e.g. ``eval.features.encode_batches``, passes over such a batch)."""
     kept = [item for item in items if item["image"] is not None]
     if not kept:
-        why = next((item["error"] for item in items if "error" in item), "no reason recorded")
-        raise RuntimeError(f"every one of the {len(items)} items of a batch was skipped (first: {why})")
+        return None
     return torch.stack([item["image"] for item in kept]), torch.tensor([item["label"] for item in kept])
 
 
 def labelled_loader(source: LabelledSource, batch_size: int, num_workers: int, pin_memory: bool = False):
-    """``(pixels, labels)`` batches of a source in its order (skipped files dropped)."""
+    """``(pixels, labels)`` batches of a source in its order (skipped files dropped; None for a batch of skipped
+    files only)."""
     return torch.utils.data.DataLoader(source, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                                        collate_fn=collate_labelled, pin_memory=pin_memory)
 

@@ -18,17 +18,31 @@ from jepa.masks import MultiBlockMaskSampler
 from .collate import MaskCollator
 from .folder import ImageFolderDataset
 from .sampler import EpochBatchSampler
-from .transforms import pretrain_transform
+from .transforms import DeviceNormalize, pretrain_transform
 
 _PIPELINES: dict[str, Callable] = {}
+_DEVICE_TRANSFORMS: dict[str, Callable] = {}
 
 
-def register_pipeline(name: str):
+def register_pipeline(name: str, device_transform: Callable | None = None):
+    """Register ``fn(cfg, parts, rank, world_size, pin_memory)`` as pipeline ``name``; ``device_transform(cfg)``
+    builds what turns its batches on the device into what the method reads (default: ``DeviceNormalize``)."""
     def wrap(fn):
         _PIPELINES[name] = fn
+        if device_transform is not None:
+            _DEVICE_TRANSFORMS[name] = device_transform
         return fn
 
     return wrap
+
+
+def pipeline_device_transform(pipeline: str, cfg) -> Callable:
+    """batch -> batch, applied by the trainer after the copy to the device: the pipeline's own transform (e.g.
+    batched colour augmentation of multi-crop views) or ``DeviceNormalize`` (uint8 pixels -> normalised floats)."""
+    if pipeline not in _PIPELINES:
+        _import_pipelines()
+    build = _DEVICE_TRANSFORMS.get(pipeline)
+    return build(cfg) if build is not None else DeviceNormalize()
 
 
 def build_pretrain_loader(pipeline: str, cfg, parts, rank: int = 0, world_size: int = 1, pin_memory: bool = True):
@@ -48,7 +62,7 @@ def _import_pipelines() -> None:
         importlib.import_module(module)
 
 
-_PIPELINE_MODULES = ("data.vl",)
+_PIPELINE_MODULES = ("data.vl", "data.multicrop")
 
 
 def mask_sampler_from_config(cfg, grid_size: tuple[int, ...]) -> MultiBlockMaskSampler:
@@ -80,7 +94,7 @@ def masked_images(cfg, parts, rank: int = 0, world_size: int = 1, pin_memory: bo
     """Random-resized crops of ``data.root/train`` (uint8) with multi-block masks on ``parts.token_grid``."""
     d = cfg.data
     dataset = ImageFolderDataset(d.root, "train", pretrain_transform(d.img_size, d.crop_scale, d.hflip),
-                                 on_corrupt=d.on_corrupt, seed=cfg.trainer.seed, decode="tensor")
+                                 on_corrupt=d.on_corrupt, seed=cfg.trainer.seed)
     batch_sampler = EpochBatchSampler(len(dataset), d.batch_size, seed=cfg.trainer.seed, rank=rank,
                                       world_size=world_size)
     collate = MaskCollator(mask_sampler_from_config(cfg, parts.token_grid), cfg.trainer.seed)

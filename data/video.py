@@ -42,6 +42,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2
 
+from .folder import class_folders
 from .labelled import LabelledSource
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, pretrain_transform
 
@@ -146,11 +147,12 @@ def read_manifest(path: str | Path, label_column: str = "label", classes: list[s
 
 
 def scan_video_folder(root: str | Path, classes: list[str] | None = None) -> tuple[list[tuple[Path, int]], list[str]]:
-    """[(video path, class index)] and the sorted class names of ``<root>/<class>/*.mp4|avi|mkv|webm|mov``."""
+    """[(video path, class index)] and the class names (``classes``, default: the sorted class folders) of
+    ``<root>/<class>/*.mp4|avi|mkv|webm|mov``; a broken symlink class folder is an error naming it."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"video folder '{root}' does not exist (expected <root>/<class>/*.mp4)")
-    names = sorted(p.name for p in root.iterdir() if p.is_dir())
+    names = class_folders(root)
     if not names:
         raise ManifestError(f"video folder '{root}' holds no class folders (expected <root>/<class>/*.mp4)")
     rows = []
@@ -231,7 +233,7 @@ class VideoClipDataset(LabelledSource):
         else:
             samples, self.classes = read_manifest(source, label_column, classes, on_missing)
         self.samples = samples if indices is None else [samples[i] for i in indices]
-        self.source, self.transform = source, transform
+        self.source, self.transform, self.location = source, transform, str(source)
         self.frames_per_clip, self.frame_step, self.fps = frames_per_clip, frame_step, fps
         self.num_clips, self.sampling = num_clips, sampling
         self.on_corrupt, self.seed, self.num_threads = on_corrupt, seed, num_threads

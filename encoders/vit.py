@@ -10,9 +10,10 @@ import math
 
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 from timm.models.vision_transformer import Block
 
-from .layers import drop_path_rates
+from .layers import drop_path_rates, patchify_linear
 from .pos_embed import sincos_table
 from .registry import register_encoder
 
@@ -28,7 +29,7 @@ VIT_SIZES = {
 
 
 class PatchEmbed(nn.Module):
-    """(B, C, H, W) -> (B, H/p * W/p, D) by a strided convolution."""
+    """(B, C, H, W) -> (B, H/p * W/p, D): a strided convolution's weights (timm's layout), applied as one GEMM."""
 
     def __init__(self, patch_size: int, in_chans: int, embed_dim: int):
         super().__init__()
@@ -39,7 +40,7 @@ class PatchEmbed(nn.Module):
         _, _, height, width = images.shape
         if height % self.patch_size or width % self.patch_size:
             raise ValueError(f"image size {height}x{width} is not divisible by patch size {self.patch_size}")
-        return self.proj(images).flatten(2).transpose(1, 2)
+        return patchify_linear(images, self.proj)
 
 
 def gather_tokens(tokens: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -49,15 +50,25 @@ def gather_tokens(tokens: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 class TokenTransformer(nn.Module):
     """The kept-token forward shared by our ViTs: a subclass builds ``blocks`` and ``norm`` and defines
-    ``embed_tokens(x, keep_idx) -> (tokens (B, K, D), extra keyword arguments of every block)``."""
+    ``embed_tokens(x, keep_idx) -> (tokens (B, K, D), extra keyword arguments of every block)``.
+
+    ``checkpoint_blocks``: when gradients are on, the first that many blocks keep only their input for the backward
+    pass and run again there (activation checkpointing: each such block's activation memory for about a third more
+    of its compute; 0 none, the depth or more: all)."""
+
+    checkpoint_blocks: int = 0
 
     def _run(self, x, keep_idx, key_padding_mask, keep_from: int) -> list[torch.Tensor]:
         """Outputs (B, K, D) of the blocks from index ``keep_from`` on, before the final norm."""
         tokens, extra = self.embed_tokens(x, keep_idx)
         attn_mask = None if key_padding_mask is None else (~key_padding_mask)[:, None, None, :]
+        recompute = self.checkpoint_blocks if torch.is_grad_enabled() else 0
         kept = []
         for i, block in enumerate(self.blocks):
-            tokens = block(tokens, attn_mask=attn_mask, **extra)
+            if i < recompute:
+                tokens = checkpoint(block, tokens, attn_mask=attn_mask, use_reentrant=False, **extra)
+            else:
+                tokens = block(tokens, attn_mask=attn_mask, **extra)
             if i >= keep_from:
                 kept.append(tokens)
         return kept
@@ -90,8 +101,10 @@ class VisionTransformer(TokenTransformer):
         qkv_bias: bool = True,
         drop_path: float = 0.0,
         in_chans: int = 3,
+        checkpoint_blocks: int = 0,
     ):
         super().__init__()
+        self.checkpoint_blocks = checkpoint_blocks
         self.patch_size = patch_size
         self.embed_dim = embed_dim
         self.num_heads = num_heads
@@ -158,11 +171,12 @@ def _vit_builder(size: str):
     dim, default_depth, heads, mlp_ratio = VIT_SIZES[size]
 
     def build(patch_size: int = 16, drop_path: float = 0.0, qkv_bias: bool = True, embed_dim: int | None = None,
-              depth: int | None = None, num_heads: int | None = None) -> VisionTransformer:
+              depth: int | None = None, num_heads: int | None = None,
+              checkpoint_blocks: int = 0) -> VisionTransformer:
         """``embed_dim``/``depth``/``num_heads`` override the named size (small test models)."""
         return VisionTransformer(patch_size=patch_size, embed_dim=embed_dim or dim, depth=depth or default_depth,
                                  num_heads=num_heads or heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
-                                 drop_path=drop_path)
+                                 drop_path=drop_path, checkpoint_blocks=checkpoint_blocks)
 
     return build
 

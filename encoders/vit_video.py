@@ -41,7 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 
-from .layers import drop_path_rates
+from .layers import drop_path_rates, patchify_linear
 from .pos_embed import sincos_1d, sincos_table
 from .registry import register_encoder
 from .vit import VIT_SIZES, TokenTransformer, _layer_norm, gather_tokens, init_vit_weights
@@ -74,7 +74,8 @@ def rope_table(head_dim: int, grid: tuple[int, int, int], device: torch.device) 
 
 
 class TubeletEmbed(nn.Module):
-    """(B, C, T, H, W) -> (B, T/t * H/p * W/p, D) by a strided Conv3d, space-time raster order."""
+    """(B, C, T, H, W) -> (B, T/t * H/p * W/p, D), space-time raster order: a strided Conv3d's weights applied as
+    one GEMM."""
 
     def __init__(self, tubelet_size: int, patch_size: int, in_chans: int, embed_dim: int):
         super().__init__()
@@ -82,7 +83,7 @@ class TubeletEmbed(nn.Module):
         self.proj = nn.Conv3d(in_chans, embed_dim, kernel_size=kernel, stride=kernel)
 
     def forward(self, video: torch.Tensor) -> torch.Tensor:
-        return self.proj(video).flatten(2).transpose(1, 2)
+        return patchify_linear(video, self.proj)
 
 
 class RopeBlock(Block):
@@ -124,8 +125,10 @@ class VideoTransformer(TokenTransformer):
         drop_path: float = 0.0,
         in_chans: int = 3,
         pos: str = "sincos",
+        checkpoint_blocks: int = 0,
     ):
         super().__init__()
+        self.checkpoint_blocks = checkpoint_blocks
         if pos not in POSITIONS:
             raise ValueError(f"video ViT pos '{pos}' is unknown (expected one of {list(POSITIONS)})")
         if embed_dim % num_heads:
@@ -198,12 +201,12 @@ def _video_builder(size: str):
 
     def build(patch_size: int = 16, tubelet_size: int = 2, drop_path: float = 0.0, qkv_bias: bool = True,
               embed_dim: int | None = None, depth: int | None = None, num_heads: int | None = None,
-              pos: str = "sincos") -> VideoTransformer:
+              pos: str = "sincos", checkpoint_blocks: int = 0) -> VideoTransformer:
         """``embed_dim``/``depth``/``num_heads`` override the named size (small test models); ``pos``: sincos |
         rope."""
         return VideoTransformer(patch_size=patch_size, tubelet_size=tubelet_size, embed_dim=embed_dim or dim,
                                 depth=depth or default_depth, num_heads=num_heads or heads, mlp_ratio=mlp_ratio,
-                                qkv_bias=qkv_bias, drop_path=drop_path, pos=pos)
+                                qkv_bias=qkv_bias, drop_path=drop_path, pos=pos, checkpoint_blocks=checkpoint_blocks)
 
     return build
 

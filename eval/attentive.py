@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.models.vision_transformer import Block, Mlp
 
-from jepa.config import knob
+from jepa.config import ConfigError, knob
 
 from .grid import GridResult, grid, grid_records, label_summary, scheduled_step, stratified_holdout, summarise
 from .results import Record
@@ -75,6 +75,9 @@ class AttentiveClassifier(nn.Module):
     def __init__(self, dim: int, num_classes: int, depth: int = 1, num_heads: int = 0, mlp_ratio: float = 4.0):
         super().__init__()
         num_heads = num_heads or default_num_heads(dim)
+        if dim % num_heads:
+            raise ConfigError(f"config key 'attentive.num_heads' ({num_heads}) must divide the feature dim {dim} of "
+                              f"the encoder (0: a divisor chosen for it)")
         self.blocks = nn.ModuleList(Block(dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=True) for _ in range(depth - 1))
         self.query = nn.Parameter(torch.zeros(1, 1, dim))
         nn.init.trunc_normal_(self.query, std=0.02)

@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: images decoded by data.folder.load_rgb_uint8 and resized as tensors (1: PIL)
 
 
 def default_cache_dir() -> Path:

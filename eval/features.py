@@ -87,9 +87,12 @@ def encode_batches(batches: Iterable, encode: Callable[[torch.Tensor], torch.Ten
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """``encode(pixels)`` of every ``(pixels, labels)`` batch under ``autocast()``; returns (features (N, ...),
     labels (N,) long), gathered over processes by ``gather((features, labels))`` when given, on the CPU or the
-    device."""
+    device. A None batch (every file of it skipped as corrupt) is passed over; with none left, both are empty."""
     feats, labels = [], []
-    for images, batch_labels in batches:
+    for batch in batches:
+        if batch is None:
+            continue
+        images, batch_labels = batch
         images, batch_labels = images.to(device, non_blocking=True), batch_labels.to(device)
         with autocast():
             out = encode(images)
@@ -97,6 +100,8 @@ def encode_batches(batches: Iterable, encode: Callable[[torch.Tensor], torch.Ten
             out, batch_labels = gather((out.contiguous(), batch_labels))
         feats.append(out.cpu() if to_cpu else out)
         labels.append(batch_labels.cpu() if to_cpu else batch_labels)
+    if not feats:
+        return torch.empty(0), torch.empty(0, dtype=torch.long)
     return torch.cat(feats), torch.cat(labels).long()
 
 

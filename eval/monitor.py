@@ -1,7 +1,8 @@
 """The training kNN monitor: kNN top-1 of the method's monitor encoder on fixed labelled subsets, with the eval kNN
 (``eval.knn``) on the eval pooling (``eval.features.pool_layers``).
 
-    monitor = build_knn_monitor(cfg.data.root, img_size, cfg.monitor, num_workers, cfg.trainer.seed)
+    monitor = build_knn_monitor(cfg.data.root, img_size, cfg.monitor, num_workers, cfg.trainer.seed,
+                                cfg.data.on_corrupt)
     accuracy = monitor(encoder, device, accelerator.autocast)  # the trainer logs it as monitor/knn
 """
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Iterable
 import torch
 import torch.nn as nn
 
-from data.labelled import build_labelled_loader
+from data.labelled import LabelledSourceError, build_labelled_loader
 
 from .features import encode_batches, pool_layers
 from .knn import knn_accuracy
@@ -34,21 +35,38 @@ class KNNMonitor:
         encoder.eval()
         try:
             encode = lambda images: pool_layers([encoder(images)])  # noqa: E731
-            bank, bank_labels = encode_batches(self.bank_loader, encode, device, autocast)
-            queries, query_labels = encode_batches(self.query_loader, encode, device, autocast)
+            bank, bank_labels = self.encode(self.bank_loader, "bank (train)", encode, device, autocast)
+            queries, query_labels = self.encode(self.query_loader, "query (val)", encode, device, autocast)
         finally:
             encoder.train(was_training)
         accuracy = knn_accuracy(bank, bank_labels, queries, query_labels, self.num_classes, [self.k], self.temperature)
         return accuracy[self.k]["top1"]
 
+    @staticmethod
+    def encode(loader: Iterable, role: str, encode, device: torch.device, autocast) -> tuple[torch.Tensor, ...]:
+        """(features, labels) of one loader; a set whose every file was skipped as corrupt is an error naming it."""
+        features, labels = encode_batches(loader, encode, device, autocast)
+        if len(labels) == 0:
+            source = getattr(loader, "dataset", None)
+            count = f"{len(source)} samples" if source is not None else "samples"
+            where = getattr(source, "location", "its data")
+            raise LabelledSourceError(f"kNN monitor: every one of the {count} of its {role} set '{where}' is corrupt "
+                                      f"or unreadable (skipped by data.on_corrupt=skip; the warnings above name "
+                                      f"each file)")
+        return features, labels
 
-def build_knn_monitor(root: str, img_size: int, monitor_cfg, num_workers: int, seed: int) -> KNNMonitor:
+
+def build_knn_monitor(root: str, img_size: int, monitor_cfg, num_workers: int, seed: int,
+                      on_corrupt: str = "skip") -> KNNMonitor:
     """The monitor over ``monitor_cfg.bank_per_class`` train and ``query_per_class`` val images per class (0: the whole
-    split); ``monitor_cfg`` has ``knn_k``, ``knn_temperature``, ``bank_per_class``, ``query_per_class``,
-    ``batch_size`` (``jepa.sections.MonitorConfig``)."""
+    split), both labelled by the root's one class list; ``monitor_cfg`` has ``knn_k``, ``knn_temperature``,
+    ``bank_per_class``, ``query_per_class``, ``batch_size`` (``jepa.sections.MonitorConfig``); ``on_corrupt`` is
+    ``data.on_corrupt``."""
     m = monitor_cfg
-    bank = build_labelled_loader(root, "train", img_size, m.bank_per_class, m.batch_size, num_workers, seed=seed)
-    queries = build_labelled_loader(root, "val", img_size, m.query_per_class, m.batch_size, num_workers, seed=seed)
+    bank = build_labelled_loader(root, "train", img_size, m.bank_per_class, m.batch_size, num_workers, seed=seed,
+                                 on_corrupt=on_corrupt)
+    queries = build_labelled_loader(root, "val", img_size, m.query_per_class, m.batch_size, num_workers, seed=seed,
+                                    on_corrupt=on_corrupt)
     return KNNMonitor(bank, queries, num_classes=len(bank.dataset.classes), k=m.knn_k, temperature=m.knn_temperature)
 
 
@@ -82,4 +100,4 @@ def build_training_monitors(cfg) -> list[KNNMonitor]:
         return [build_video_knn_monitor(cfg)]
     m = cfg.monitor
     return [build_knn_monitor(cfg.data.root, m.knn_img_size or cfg.data.img_size, m, min(cfg.data.num_workers, 4),
-                              cfg.trainer.seed)]
+                              cfg.trainer.seed, cfg.data.on_corrupt)]

@@ -110,9 +110,10 @@ def run_vl_classify(run: EvalRun) -> list[Record]:
                           device, c.batch_size, autocast=autocast)
     labels = torch.tensor([label for _, label in samples], device=device)
     hits = nearest_candidate(images, prompts) == labels
-    per_class = [hits[labels == i].float().mean().item() for i in range(len(classes))]
+    present = sorted(set(labels.tolist()))  # classes is the root's (train's) list; a split may lack some
+    per_class = [(names[i], hits[labels == i].float().mean().item()) for i in present]
     accuracy = hits.float().mean().item()
-    run.say(format_table([(n, pct(a)) for n, a in zip(names, per_class)] + [("all", pct(accuracy))],
+    run.say(format_table([(n, pct(a)) for n, a in per_class] + [("all", pct(accuracy))],
                          ("class", "zero-shot top-1 %")))
     run.say(f"chance: {pct(1 / len(classes))}%")
     return [run.record("zero_shot_top1", accuracy, split=c.split, template=c.template, classes=names)]

@@ -38,6 +38,13 @@ class DecoderConfig:
     max_len: int = knob(32, gt=1)
     prefix_len: int = knob(4, gt=0)
 
+    def check(self, prefix: str) -> None:
+        from jepa.config import ConfigError
+
+        if self.dim % self.num_heads:
+            raise ConfigError(f"config key '{prefix}num_heads' ({self.num_heads}) must divide {prefix}dim "
+                              f"({self.dim})")
+
 
 @dataclass
 class CaptionConfig:

@@ -3,7 +3,7 @@
     jepa train --config configs/quickstart.yaml key=value ...
     jepa eval {linear,attentive,knn,lowshot} --encoder X --data PATH [--out DIR] [key=value ...]
     jepa data make-motion --out DIR --per-class N   (the labelled camera-motion video set, data/motion.py)
-    jepa export --ckpt DIR --to timm|hf|safetensors|onnx --out DIR [--which NAME] [--img-size N]
+    jepa export --ckpt DIR --to timm|hf|safetensors|onnx|vjepa2 --out DIR [--overwrite] [--which NAME] [--img-size N]
     jepa stream --video PATH --ckpt DIR [--mode online|offline|uniform] [--fps 2] ...   (eval/stream_cli.py)
 
 Each subcommand imports its implementation lazily, inside its function.
@@ -50,12 +50,14 @@ def run_export(argv: list[str]) -> None:
                                      "(prefixes stripped, config alongside) in timm / HF / safetensors / ONNX form.")
     parser.add_argument("--ckpt", required=True, help="training output folder (newest checkpoint) or checkpoint folder")
     parser.add_argument("--to", required=True, choices=FORMATS)
-    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--out", required=True, help="output folder: new or empty (never a checkpoint or run "
+                        "folder)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the whole content of a non-empty --out")
     parser.add_argument("--which", default=None, help="which of the method's encoders (I-JEPA: target (EMA, the "
                         "default) or context)")
     parser.add_argument("--img-size", type=int, default=0, help="export resolution (default: training data.img_size)")
     args = parser.parse_args(argv)
-    out = export_encoder(args.ckpt, args.to, args.out, args.which, args.img_size or None)
+    out = export_encoder(args.ckpt, args.to, args.out, args.which, args.img_size or None, args.overwrite)
     print(f"exported the {args.which or 'default'} encoder of {args.ckpt} as {args.to} to {out}")
 
 

@@ -193,7 +193,10 @@ def parse_override(item: str) -> tuple[str, Any]:
     if "=" not in item:
         raise ConfigError(f"override '{item}' is not of the form key=value")
     key, raw = item.split("=", 1)
-    value = yaml.safe_load(raw) if raw != "" else ""
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override '{item}': the value is not valid YAML ({_yaml_problem(err)})") from None
     if isinstance(value, str) and _looks_numeric(value):
         value = float(value)  # YAML 1.1 reads '1e-3' as a string
     return key.strip(), value
@@ -227,14 +230,27 @@ def _fix_yaml_numbers(data: Any) -> Any:
     return data
 
 
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """'line L, column C: <problem>' of a YAML parse error (1-based, where the parser stopped)."""
+    mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+    problem = getattr(err, "problem", None) or str(err)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return f"{where}{problem}"
+
+
 def read_yaml(path: str | Path | None) -> dict:
+    """The mapping of a YAML config file; a missing file, a syntax error (named by line and column) or a file that
+    holds no mapping is a ``ConfigError`` naming the file."""
     if path is None:
         return {}
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file '{path}' does not exist")
-    with open(path) as fh:
-        data = yaml.safe_load(fh) or {}
+    try:
+        with open(path) as fh:
+            data = yaml.safe_load(fh) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file '{path}' is not valid YAML: {_yaml_problem(err)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file '{path}' must hold a mapping, got {type(data).__name__}")
     return _fix_yaml_numbers(data)

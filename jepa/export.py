@@ -3,6 +3,10 @@ safetensors, ONNX, or (video ViTs with 3-D RoPE) a ``VJEPA2Model`` folder; and t
 
     jepa export --ckpt outputs/run --to timm --out exports/vit_s16
 
+``--out`` must be a new or empty folder (``--overwrite``: a non-empty one, whose whole content is replaced); never
+a checkpoint folder, a folder inside one, a training output folder, or a folder holding the source checkpoint. Every
+format is written into a temporary sibling folder and moved into place when complete.
+
 Every export folder holds ``config.yaml`` (the training config the encoder was built from) and ``export.json``
 (``format``, ``encoder``, ``img_size``, ``source`` checkpoint, ``which`` encoder, parity numbers), beside:
 
@@ -41,6 +45,8 @@ Every export folder holds ``config.yaml`` (the training config the encoder was b
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import warnings
 from pathlib import Path
 
@@ -53,6 +59,7 @@ from encoders.cnn import CNNEncoder
 from encoders.pos_embed import sincos_table
 from encoders.vit import VisionTransformer
 
+from .checkpoint import checkpoint_dirs, is_checkpoint_dir
 from .config import load_config, to_yaml
 from .hf_mapping import from_hf, to_hf
 from .methods import get_method
@@ -217,24 +224,65 @@ WRITERS = {"timm": write_timm, "hf": write_hf, "safetensors": write_safetensors,
            "vjepa2": write_vjepa2}
 
 
+def check_export_target(out: Path, overwrite: bool) -> None:
+    """``--out`` must be a new or empty folder, or (``overwrite``) a folder whose whole content the export replaces;
+    never a checkpoint folder, a folder inside one, or a training output folder holding checkpoints."""
+    for folder in (out, *out.parents):
+        if folder.is_dir() and is_checkpoint_dir(folder):
+            raise ExportError(f"--out '{out}' is {'' if folder == out else 'inside '}the checkpoint folder "
+                              f"'{folder}'; an export never writes into a checkpoint (choose another folder)")
+    if out.is_dir() and checkpoint_dirs(out):
+        raise ExportError(f"--out '{out}' is a training output folder (it holds {checkpoint_dirs(out)[-1].name}); an "
+                          f"export never writes over a run (choose another folder)")
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"--out '{out}' is a file (expected a folder to write the export into)")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ExportError(f"--out '{out}' is not empty; pass --overwrite to replace its whole content with the "
+                          f"export, or choose an empty folder")
+
+
+def replace_folder(tmp: Path, out: Path) -> None:
+    """Put the complete folder ``tmp`` at ``out``; an old ``out`` is replaced as a whole (no stale file is left)."""
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    old = out.with_name(f".old-{out.name}-{os.getpid()}")
+    os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old)
+
+
 def export_encoder(ckpt: str | Path, fmt: str, out: str | Path, which: str | None = None,
-                   img_size: int | None = None) -> Path:
+                   img_size: int | None = None, overwrite: bool = False) -> Path:
     """Write the encoder ``which`` (default: the method's first, I-JEPA's EMA target) of checkpoint ``ckpt`` (newest
     in a training folder) to ``out`` in format ``fmt``; ``img_size`` defaults to the training ``data.img_size``.
-    Returns ``out``."""
+    ``out`` must be new or empty unless ``overwrite`` (see ``check_export_target``). Every format is written into a
+    temporary sibling folder, then moved to ``out``, so a failed export leaves nothing half-written. Returns
+    ``out``."""
     if fmt not in FORMATS:
         raise ExportError(f"--to '{fmt}' is unknown (expected one of {list(FORMATS)})")
+    out, target = Path(out), Path(os.path.abspath(out))  # target: '..' and '.' spelled out, symlinks kept
+    check_export_target(target, overwrite)
     encoder, cfg, ckpt_path = load_checkpoint_encoder(ckpt, which)
+    if target in Path(os.path.abspath(ckpt_path)).parents:
+        raise ExportError(f"--out '{out}' holds the checkpoint being exported ('{ckpt_path}'); an export never "
+                          f"replaces its source (choose another folder)")
     img_size = img_size or cfg.data.img_size
     if img_size % encoder.patch_size:
         raise ExportError(f"--img-size {img_size} is not divisible by the encoder's patch size {encoder.patch_size}")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    info = WRITERS[fmt](encoder, cfg, img_size, out)
-    (out / "config.yaml").write_text(to_yaml(cfg))
-    meta = dict(format=fmt, encoder=cfg.model.encoder, img_size=img_size, source=str(ckpt_path.resolve()),
-                which=which or get_method(cfg.method).default_encoder, **info)
-    (out / "export.json").write_text(json.dumps(meta, indent=2))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".tmp-{target.name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a crashed export of this process id
+    tmp.mkdir()
+    try:
+        info = WRITERS[fmt](encoder, cfg, img_size, tmp)
+        (tmp / "config.yaml").write_text(to_yaml(cfg))
+        meta = dict(format=fmt, encoder=cfg.model.encoder, img_size=img_size, source=str(ckpt_path.resolve()),
+                    which=which or get_method(cfg.method).default_encoder, **info)
+        (tmp / "export.json").write_text(json.dumps(meta, indent=2))
+        replace_folder(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

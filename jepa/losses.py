@@ -141,32 +141,143 @@ def cosine_embedding_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Ten
     return (1 - F.cosine_similarity(pred.float(), target.float(), dim=-1)).mean()
 
 
-def sigreg(embeddings: torch.Tensor, num_directions: int = 256, num_points: int = 17, t_max: float = 3.0,
-           generator: torch.Generator | None = None) -> torch.Tensor:
-    """SIGReg (LeJEPA, Balestriero & LeCun 2025): distance of (B, D) embeddings from N(0, I), sketched.
+def _all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Differentiable sum over processes (the backward sums the gradients of every rank's copy)."""
+    import torch.distributed.nn.functional as dist_nn
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*all_reduce is deprecated", category=FutureWarning)
+        return dist_nn.all_reduce(tensor)
 
-    The embeddings are projected on ``num_directions`` random unit directions (drawn with ``generator``, on its
-    device: pass a generator seeded identically on every rank so all ranks test the same directions); for each
-    1-D projection x the Epps–Pulley statistic
-        B * ∫ |φ_emp(t) − exp(−t²/2)|² exp(−t²/2) dt,   φ_emp(t) = mean_b exp(i t x_b),
-    is integrated with the trapezoid rule on ``num_points`` points of [−t_max, t_max]; the result is the mean over
-    directions. Nothing is standardised: the target is N(0, 1) in every direction. For B samples of N(0, I) its
-    expectation is ∫ (1 − exp(−t²)) exp(−t²/2) dt ≈ 1.05 (with the defaults), whatever B.
+
+def epps_pulley_knots(num_points: int = 17, t_max: float = 3.0, half_line: bool = True,
+                      device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(t (T,), quadrature weights (T,)) for ∫_R f(t) exp(−t²/2) dt ≈ Σ_k weights_k f(t_k) with f even in t.
+
+    ``half_line``: trapezoid on ``num_points`` knots of [0, t_max], doubled (the integrand |φ_N − φ|² is even, so
+    this is the same integral at twice the resolution; LeJEPA's released code); else the trapezoid on [−t_max, t_max].
+    The Gaussian weight w(t) = exp(−t²/2) is folded into the weights.
+    """
+    if num_points < 2:
+        raise ValueError(f"sigreg num_points {num_points} must be >= 2")
+    if not t_max > 0:
+        raise ValueError(f"sigreg t_max {t_max} must be > 0")
+    low = 0.0 if half_line else -t_max
+    t = torch.linspace(low, t_max, num_points, dtype=torch.float32, device=device)
+    step = (t_max - low) / (num_points - 1)
+    weights = torch.full((num_points,), step * (2.0 if half_line else 1.0), dtype=torch.float32, device=device)
+    weights[0] /= 2  # integer indexing: no index tensor to copy to the device
+    weights[-1] /= 2
+    return t, weights * torch.exp(-0.5 * t.square())
+
+
+def epps_pulley(samples: torch.Tensor, num_points: int = 17, t_max: float = 3.0, half_line: bool = True,
+                gather: bool = False, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Epps–Pulley statistic of every column of (..., N, M) samples (M 1-D samples of size N) against N(0, 1):
+
+        T = N ∫ |φ_N(t) − φ(t)|² w(t) dt,   φ_N(t) = (1/N) Σ_n exp(i t x_n),   φ(t) = w(t) = exp(−t²/2),
+
+    integrated with ``epps_pulley_knots``; returns (..., M). For N(0, 1) samples E[T] = ∫ (1 − φ²) w dt ≈ 1.06
+    whatever N; a collapsed sample (all x_n equal) gives T of order N. Computed in fp32 outside autocast.
+    ``mask`` (..., N) bool, True at the rows that count (e.g. real tokens, not padding): the others are left out.
+
+    ``gather=True`` under torch.distributed: the sums Σ_n cos(t x_n), Σ_n sin(t x_n) and N are all-reduced
+    (differentiable; one collective), so every rank returns the statistic of the global batch (ranks may hold
+    different N). Its backward sums every rank's gradient into the local rows: a rank's gradient is W times the
+    global statistic's, which DDP's mean over W ranks turns back into exactly the global gradient.
+    """
+    with torch.autocast(device_type=samples.device.type, enabled=False):
+        x = samples.float()
+        t, weights = epps_pulley_knots(num_points, t_max, half_line, x.device)
+        xt = x.unsqueeze(-1) * t  # (..., N, M, T)
+        cos, sin = xt.cos(), xt.sin()
+        if mask is None:
+            count = x.new_full(x.shape[:-2], float(x.shape[-2]))  # a fill on the device, no host-to-device copy
+        else:
+            keep = mask.to(x.dtype)[..., None, None]  # (..., N, 1, 1)
+            cos, sin, count = cos * keep, sin * keep, keep.sum((-3, -2, -1))
+        cos_sum, sin_sum = cos.sum(-3), sin.sum(-3)  # (..., M, T)
+        if gather and _process_group()[1] > 1:
+            size, counts = cos_sum.numel(), count.numel()
+            packed = _all_reduce_sum(torch.cat([cos_sum.flatten(), sin_sum.flatten(), count.flatten()]))
+            cos_sum, sin_sum = packed[:size].view_as(cos_sum), packed[size:2 * size].view_as(sin_sum)
+            count = packed[2 * size:2 * size + counts].detach().view_as(count)
+        count = count.clamp_min(1)[..., None, None]
+        target = torch.exp(-0.5 * t.square())  # N(0, 1)'s characteristic function
+        error = (cos_sum / count - target).square() + (sin_sum / count).square()
+        return count[..., 0] * (error @ weights)
+
+
+def random_directions(dim: int, num_directions: int, generator: torch.Generator | None = None,
+                      device=None) -> torch.Tensor:
+    """(dim, num_directions) columns uniform on the unit sphere, drawn with ``generator`` (on its device)."""
+    device = generator.device if generator is not None else device
+    directions = torch.randn(dim, num_directions, generator=generator, device=device)
+    return directions / directions.norm(dim=0, keepdim=True)
+
+
+def sigreg(embeddings: torch.Tensor, num_directions: int = 256, num_points: int = 17, t_max: float = 3.0,
+           generator: torch.Generator | None = None, half_line: bool = False, gather: bool = False) -> torch.Tensor:
+    """SIGReg (LeJEPA, Balestriero & LeCun 2025, arXiv 2511.08544): distance of (B, D) embeddings from N(0, I),
+    sketched: the mean over ``num_directions`` random unit directions (drawn with ``generator``, on its device;
+    the global RNG without one) of the Epps–Pulley statistic of the 1-D projections (``epps_pulley``).
+
+    Nothing is standardised: the target is N(0, 1) in every direction. The defaults (the trapezoid on
+    [−t_max, t_max]) are VL-JEPA's; ``half_line=True`` is LeJEPA's quadrature. For training with fresh slices every
+    step, exact on resume and equal on every rank, use the ``SIGReg`` module.
     """
     if embeddings.dim() != 2:
         raise ValueError(f"sigreg expects (B, D) embeddings, got shape {tuple(embeddings.shape)}")
-    if num_points < 2:
-        raise ValueError(f"sigreg num_points {num_points} must be >= 2")
-    with torch.autocast(device_type=embeddings.device.type, enabled=False):
-        z = embeddings.float()
-        device = generator.device if generator is not None else z.device
-        directions = torch.randn(z.shape[1], num_directions, generator=generator, device=device).to(z.device)
-        directions = directions / directions.norm(dim=0, keepdim=True)
-        t = torch.linspace(-t_max, t_max, num_points, device=z.device)
-        target_cf = torch.exp(-0.5 * t.square())  # N(0, 1)'s characteristic function, also the weight w(t)
-        xt = (z @ directions).unsqueeze(-1) * t  # (B, M, T)
-        error = (xt.cos().mean(0) - target_cf).square() + xt.sin().mean(0).square()  # (M, T)
-        step = 2 * t_max / (num_points - 1)
-        trapezoid = torch.full((num_points,), step, device=z.device)
-        trapezoid[[0, -1]] = step / 2
-        return z.shape[0] * (error @ (trapezoid * target_cf)).mean()
+    directions = random_directions(embeddings.shape[1], num_directions, generator, embeddings.device)
+    projections = embeddings.float() @ directions.to(embeddings.device)
+    return epps_pulley(projections, num_points, t_max, half_line, gather).mean()
+
+
+class SIGReg(nn.Module):
+    """SIGReg with fresh random slices at every training call, reproducible and equal on every rank.
+
+    forward(embeddings (..., B, D)) -> scalar: the Epps–Pulley statistic of each (B, D) set of the leading axes
+    (LeJEPA: one per view) along the same ``num_slices`` directions, averaged over sets and directions; with
+    ``gather`` the statistics are of the global batch (``epps_pulley``).
+
+    The directions of call ``k`` come from a generator on the embeddings' device seeded by ``(seed, k)``; ``k`` (the
+    ``draws`` buffer) advances once per call in training mode. It is part of the model's state dict, so a checkpoint
+    restores it and a resumed run draws the same slices as an uninterrupted one; every rank counts the same calls,
+    so all ranks test the same directions (which summing their characteristic functions needs). A host-side copy
+    of the count avoids reading the buffer back in the training step.
+    """
+
+    def __init__(self, num_slices: int = 256, num_points: int = 17, t_max: float = 3.0, half_line: bool = True,
+                 gather: bool = True, seed: int = 0):
+        super().__init__()
+        if num_slices < 1:
+            raise ValueError(f"sigreg num_slices {num_slices} must be >= 1")
+        epps_pulley_knots(num_points, t_max, half_line)  # check the quadrature arguments now
+        self.num_slices, self.num_points, self.t_max = num_slices, num_points, t_max
+        self.half_line, self.gather, self.seed = half_line, gather, seed
+        self.register_buffer("draws", torch.zeros((), dtype=torch.long))
+        self._draws = 0  # host mirror of ``draws``
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._draws = int(self.draws)  # one read when a checkpoint is loaded, never in the step
+
+    def directions(self, dim: int, device) -> torch.Tensor:
+        """(dim, num_slices) unit directions of the current draw."""
+        generator = torch.Generator(device=device).manual_seed((self.seed * 1_000_003 + self._draws) % 2**63)
+        return random_directions(dim, self.num_slices, generator)
+
+    def forward(self, embeddings: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``mask`` (..., B) bool: rows that count (``epps_pulley``)."""
+        if embeddings.dim() < 2:
+            raise ValueError(f"SIGReg expects (..., B, D) embeddings, got shape {tuple(embeddings.shape)}")
+        directions = self.directions(embeddings.shape[-1], embeddings.device)
+        if self.training:
+            self._draws += 1
+            self.draws.fill_(self._draws)
+        with torch.autocast(device_type=embeddings.device.type, enabled=False):
+            projections = embeddings.float() @ directions
+        return epps_pulley(projections, self.num_points, self.t_max, self.half_line, self.gather, mask).mean()
+
+    def extra_repr(self) -> str:
+        return (f"num_slices={self.num_slices}, num_points={self.num_points}, t_max={self.t_max}, "
+                f"half_line={self.half_line}, gather={self.gather}")

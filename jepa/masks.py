@@ -33,12 +33,27 @@ class MaskBatch:
     target_idx:  (B, num_targets, Nt) long, ascending raster order within each block; with ``target_union`` one
                  set (B, 1, Nt): the union of the blocks (V-JEPA), whose ragged lengths are padded as the context's.
     target_pad:  (B, num_targets, Nt) bool, True at padding, or None (every target block has the same size).
+    context_padded / target_padded: whether any entry of ``context_pad`` / ``target_pad`` is True, known on the
+                 host where the masks are drawn, so the step can leave attention unmasked (SDPA's flash path) without
+                 reading the device mask back.
     """
 
     context_idx: torch.Tensor
     context_pad: torch.Tensor
     target_idx: torch.Tensor
     target_pad: torch.Tensor | None = None
+    context_padded: bool = True
+    target_padded: bool = True
+
+    @property
+    def context_attention_pad(self) -> torch.Tensor | None:
+        """``context_pad`` where it pads anything, else None (no attention mask needed)."""
+        return self.context_pad if self.context_padded else None
+
+    @property
+    def target_attention_pad(self) -> torch.Tensor | None:
+        """``target_pad`` where it pads anything, else None."""
+        return self.target_pad if self.target_pad is not None and self.target_padded else None
 
     @property
     def context_lengths(self) -> torch.Tensor:
@@ -175,6 +190,8 @@ class MultiBlockMaskSampler:
             context_pad=as_tensor(context_pad),
             target_idx=as_tensor(target_idx).long(),
             target_pad=None if target_pad is None else as_tensor(target_pad),
+            context_padded=bool(context_pad.any()),
+            target_padded=target_pad is not None and bool(target_pad.any()),
         )
 
 

@@ -4,7 +4,8 @@
 
 The config saved in the checkpoint names the method; the method's spec (``jepa.methods``) says where each encoder
 lives (``teacher:<name>`` -> ``<name>.safetensors``, ``model:<prefix>`` -> the ``<prefix>.*`` keys of
-``model.safetensors``) and rebuilds its architecture from the config.
+``model.safetensors``) and rebuilds its architecture from the config. The files read are verified against the
+checkpoint's checksums first (``jepa.checkpoint.verify_files``; a checkpoint without checksums loads with a warning).
 """
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file
 
-from .checkpoint import MODEL_FILE, find_checkpoint, is_checkpoint_dir, teacher_file
-from .config import load_config
+from .checkpoint import (MODEL_FILE, CheckpointError, find_checkpoint, is_checkpoint_dir, read_saved_config,
+                         teacher_file, verify_files)
 from .methods import get_method
 
 
@@ -58,6 +59,30 @@ def load_strict(module: nn.Module, state: dict, where: Path) -> None:
                                f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}")
 
 
+def read_verified_config(ckpt: Path):
+    """The checkpoint's config.yaml, checked against its checksum; EncoderReadError naming the checkpoint."""
+    try:
+        verify_files(ckpt, ["config.yaml"])
+        return read_saved_config(ckpt)
+    except CheckpointError as err:
+        raise EncoderReadError(str(err)) from err
+
+
+def verify(ckpt: Path, names: list[str]) -> None:
+    """Check ``names`` against the checkpoint's checksums (silently skipped for a checkpoint without checksums: its
+    config read already warned)."""
+    try:
+        verify_files(ckpt, names, warn=False)
+    except CheckpointError as err:
+        raise EncoderReadError(str(err)) from err
+
+
+def location_file(location: str) -> str:
+    """The checkpoint file of a method's encoder location (``teacher:<name>`` or ``model:<prefix>``)."""
+    kind, _, name = location.partition(":")
+    return teacher_file(name) if kind == "teacher" else MODEL_FILE
+
+
 def encoder_state(ckpt: Path, location: str) -> dict[str, torch.Tensor]:
     """The weights at a method's encoder location (``teacher:<name>`` or ``model:<prefix>``)."""
     kind, _, name = location.partition(":")
@@ -75,12 +100,13 @@ def load_checkpoint_encoder(path: str | Path, which: str | None = None) -> tuple
     """(encoder in eval mode, its training config, the checkpoint folder used); ``which`` names one of the method's
     encoders (I-JEPA: ``target`` (EMA, the default) or ``context``)."""
     ckpt = resolve_checkpoint(path)
-    cfg = load_config(ckpt / "config.yaml")
+    cfg = read_verified_config(ckpt)
     spec = get_method(cfg.method)
     which = which or spec.default_encoder
     if which not in spec.encoders:
         raise EncoderReadError(f"--which '{which}' is not an encoder of method '{spec.name}' (expected one of "
                                f"{list(spec.encoders)})")
+    verify(ckpt, [location_file(spec.encoders[which])])
     encoder = spec.build_encoder(cfg)
     load_strict(encoder, encoder_state(ckpt, spec.encoders[which]), ckpt)
     return encoder.eval(), cfg, ckpt
@@ -93,8 +119,9 @@ def load_checkpoint_parts(path: str | Path):
     what evaluations of a whole method (VL-JEPA's ``jepa eval vqa``) read. The parts are rebuilt from the saved
     config, so what the config points at (e.g. VL-JEPA's ``vl.x_encoder``) must still resolve."""
     ckpt = resolve_checkpoint(path)
-    cfg = load_config(ckpt / "config.yaml")
+    cfg = read_verified_config(ckpt)
     parts = get_method(cfg.method).build(cfg)
+    verify(ckpt, [MODEL_FILE, *(teacher_file(name) for name in parts.teachers)])
     load_strict(parts.model, read_weights(ckpt / MODEL_FILE), ckpt / MODEL_FILE)
     for name, teacher in parts.teachers.items():
         load_strict(teacher.module, read_weights(ckpt / teacher_file(name)), ckpt / teacher_file(name))

@@ -23,6 +23,7 @@ class ModelConfig:
     depth: int | None = knob(None, gt=0)  # override the named size's depth (small CPU models)
     embed_dim: int | None = knob(None, gt=0)
     num_heads: int | None = knob(None, gt=0)
+    checkpoint_blocks: int = knob(0, ge=0, resumable=True)  # ViTs: the first N blocks recompute in backward (memory)
 
     def check(self, prefix: str) -> None:
         if self.encoder.startswith("cnn:"):
@@ -30,6 +31,22 @@ class ModelConfig:
                 if getattr(self, name) is not None:
                     raise ConfigError(f"config key '{prefix}{name}' is set but a CNN encoder ({self.encoder}) "
                                       f"takes its size from the timm backbone; leave it unset")
+            return
+        size = vit_size(self.encoder)
+        if size is None:
+            return  # an unknown name is reported, with the registered ones, when the encoder is built
+        width, heads = self.embed_dim or size[0], self.num_heads or size[2]
+        if width % heads:
+            source = "" if self.embed_dim else f", the width of {self.encoder}"
+            raise ConfigError(f"config key '{prefix}num_heads' ({heads}) must divide the encoder width "
+                              f"{prefix}embed_dim ({width}{source})")
+
+
+def vit_size(encoder: str) -> tuple | None:
+    """(embed_dim, depth, num_heads, mlp_ratio) of a named ViT size (image ``vit_<size>`` or ``vit_video_<size>``)."""
+    from encoders.vit import VIT_SIZES
+
+    return VIT_SIZES.get(encoder.replace("vit_video_", "vit_", 1))
 
 
 @dataclass
@@ -46,6 +63,7 @@ class PredictorConfig:
     headdim: int = knob(64, gt=0)
     mimo_rank: int = knob(1, ge=1)
     bidirectional: Literal["split", "separate", "shared", "forward"] = "split"  # mamba3 direction handling
+    checkpoint_blocks: int = knob(0, ge=0, resumable=True)  # transformer: the first N blocks recompute in backward
 
     def check(self, prefix: str) -> None:
         if not self.pattern or set(self.pattern) - {"M", "A"}:
@@ -83,15 +101,16 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = knob(1e-3, ge=0)  # peak learning rate (reached after warmup)
-    start_lr: float = knob(2e-4, ge=0)
-    final_lr: float = knob(1e-6, ge=0)
+    # resumable: the way out of a diverged run is to resume its last good checkpoint with a lower LR or clipping
+    lr: float = knob(1e-3, gt=0, resumable=True)  # peak learning rate (reached after warmup)
+    start_lr: float = knob(2e-4, ge=0, resumable=True)
+    final_lr: float = knob(1e-6, ge=0, resumable=True)
     warmup_steps: int = knob(1000, ge=0)
     schedule_steps: int = knob(0, ge=0)  # horizon of the LR/WD/EMA schedules; 0: trainer.max_steps
     weight_decay: float = knob(0.04, ge=0)
     final_weight_decay: float = knob(0.4, ge=0)
     betas: tuple[float, float] = knob((0.9, 0.999), ge=0, lt=1)
-    grad_clip: float = knob(0.0, ge=0)  # 0 disables clipping
+    grad_clip: float = knob(0.0, ge=0, resumable=True)  # 0 disables clipping
     ema_start: float = knob(0.996, ge=0, le=1)
     ema_end: float = knob(1.0, ge=0, le=1)
 
@@ -110,6 +129,19 @@ class LossConfig:
 
 
 @dataclass
+class SIGRegConfig:
+    """SIGReg's sketch (LeJEPA, ``jepa.losses.SIGReg``): ``num_slices`` random directions redrawn every step (seeded
+    by the seed and the step, so resume is exact), the Epps–Pulley test with ``num_points`` knots on [0, t_max]
+    (``half_line``) or [−t_max, t_max]; ``gather``: statistics of the global batch (all-reduced sums)."""
+
+    num_slices: int = knob(256, gt=0)
+    num_points: int = knob(17, ge=2)
+    t_max: float = knob(3.0, gt=0)
+    half_line: bool = True
+    gather: bool = True
+
+
+@dataclass
 class TrainerConfig:
     max_steps: int = knob(1000, gt=0, resumable=True)  # optimizer steps
     output_dir: str = knob("outputs/run", resumable=True)
@@ -121,6 +153,7 @@ class TrainerConfig:
     mixed_precision: Precision = "auto"  # auto: bf16 on GPU, fp32 on CPU
     compile: bool = knob(False, resumable=True)  # regional torch.compile of the blocks
     progress_bar: bool = knob(True, resumable=True)
+    plot: bool = knob(True, resumable=True)  # write <output_dir>/health.png (loss, kNN, collapse) after the run
 
 
 @dataclass

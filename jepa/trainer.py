@@ -6,8 +6,9 @@ submodule it follows, sums whatever logs the method returns, and saves every tea
 A batch is any object with ``.to(device, non_blocking=...)``, ``len(batch)`` (samples) and ``.skipped`` (a 0-d
 tensor): ``data.batch.Batch``. One optimizer step = ``trainer.grad_accum_steps`` micro-batches; schedules and the EMA update advance once per
 optimizer step. Nothing in the step reads a tensor back to the host: logs accumulate on the device and are read
-every ``trainer.log_every`` steps, where a non-finite loss also stops the run (before any checkpoint is written,
-so the last good checkpoint stays intact).
+every ``trainer.log_every`` steps, where a non-finite loss also stops the run; whatever the log interval, a
+checkpoint is never written from non-finite weights (``jepa.checkpoint.NonFiniteWeightsError``), so the last good
+checkpoint stays intact. ``fit`` holds the output folder's run lock (``jepa.run_lock``) from start to end.
 """
 from __future__ import annotations
 
@@ -22,12 +23,14 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import to_yaml
+from .checkpoint import (CorruptCheckpointError, intact_alternative, latest_checkpoint, load_checkpoint,
+                         recovery_hint, remove_stale_folders, save_checkpoint)
+from .config import ConfigError, to_yaml
 from .ema import ema_update
 from .methods import MethodParts
 from .monitors import CollapseMonitor
 from .precision import resolve_precision
+from .run_lock import run_lock
 from .schedules import Cosine, Linear, WarmupCosine
 
 logger = logging.getLogger(__name__)
@@ -83,20 +86,43 @@ def build_schedules(cfg) -> dict:
     }
 
 
+COMPILE_RECOMPILE_LIMIT = 64
+
+
 def compile_blocks(module: nn.Module) -> None:
     """Regional compilation: compile each transformer block in place (one graph reused by every block of the
-    same shape), with dynamic sequence length since context lengths vary from batch to batch."""
+    same shape), with dynamic sequence length since context lengths vary from batch to batch.
+
+    Every block shares one code object, so its graphs are told apart by guards: grad mode (teacher vs student),
+    width (encoder vs predictor), attention mask or none. Those are more than dynamo's default cache of 8 graphs per
+    code object, past which it silently falls back to eager for the rest of the run; the limit is raised."""
+    import torch._dynamo
     from timm.models.vision_transformer import Block
 
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    setattr(config, name, max(getattr(config, name), COMPILE_RECOMPILE_LIMIT))
     for sub in module.modules():
         if isinstance(sub, Block):
             sub.compile(dynamic=True)
+
+
+def check_output_dir(output_dir: str) -> None:
+    """``trainer.output_dir`` must be a folder or not exist yet (checked before anything is built or written)."""
+    path = Path(output_dir)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"config key 'trainer.output_dir' is '{output_dir}', which is a file; expected a folder "
+                          f"(existing or to be created)")
+    for parent in path.parents:
+        if parent.exists() and not parent.is_dir():
+            raise ConfigError(f"config key 'trainer.output_dir' is '{output_dir}', but '{parent}' is a file")
 
 
 def make_accelerator(cfg):
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
+    check_output_dir(cfg.trainer.output_dir)
     precision = resolve_precision(cfg.trainer.mixed_precision, "cuda" if torch.cuda.is_available() else "cpu")
     return Accelerator(
         mixed_precision={"bf16": "bf16", "fp32": "no"}[precision],
@@ -143,7 +169,10 @@ class Trainer:
         if ckpt is None:
             self._print(f"starting from scratch in {self.output_dir}")
             return
-        saved = load_checkpoint(self.accelerator, ckpt, self.teachers, self.cfg)
+        try:
+            saved = load_checkpoint(self.accelerator, ckpt, self.teachers, self.cfg, schedule_names=self.schedules)
+        except CorruptCheckpointError as err:  # never fall back silently: name the corrupt one and the way out
+            raise CorruptCheckpointError(f"{err}\n{intact_alternative(ckpt)}") from err
         self.state = TrainState(step=saved["step"], epoch=saved["epoch"], batch_in_epoch=saved["batch_in_epoch"],
                                 monitors=saved.get("monitors", {}),
                                 collapse_reference=saved.get("collapse_reference", {}))
@@ -216,8 +245,8 @@ class Trainer:
         logs = {k: float(v) for k, v in logs.items()}  # the one host sync, every log_every steps
         if not math.isfinite(logs["train/loss"]):
             raise NonFiniteLossError(
-                f"loss became {logs['train/loss']} before step {self.state.step}; the run stops here and the last "
-                f"good checkpoint in '{self.output_dir}' is left intact (lower optim.lr or set optim.grad_clip)"
+                f"loss became {logs['train/loss']} before step {self.state.step}; the run stops here and no "
+                f"checkpoint is written or deleted. {recovery_hint(self.output_dir)}"
             )
         logs.update({
             "train/lr": self.schedules["lr"].at(self.state.step - 1),
@@ -257,10 +286,24 @@ class Trainer:
 
     def save(self) -> Path:
         return save_checkpoint(self.accelerator, self.output_dir, self.state.step, self.teachers,
-                               self._train_state(), self.cfg, keep=self.cfg.trainer.keep_checkpoints)
+                               self._train_state(), self.cfg, keep=self.cfg.trainer.keep_checkpoints,
+                               model=self.method)
 
     # ---------------------------------------------------------------- the loop
     def fit(self) -> TrainState:
+        """Train to ``trainer.max_steps`` (resuming from the newest checkpoint) under the output folder's run lock,
+        released on any exit; RunLockError when another run holds it."""
+        with run_lock(self.output_dir, self.accelerator):
+            self._remove_stale_folders()
+            return self._fit()
+
+    def _remove_stale_folders(self) -> None:
+        """Leftovers of a crashed run (``.tmp-``/``.del-checkpoint-*``): removed by the main process, lock held."""
+        if self.accelerator.is_main_process:
+            remove_stale_folders(self.output_dir)
+        self.accelerator.wait_for_everyone()
+
+    def _fit(self) -> TrainState:
         cfg = self.cfg.trainer
         self.accelerator.init_trackers("openjepa")
         self._print("resolved config:\n" + to_yaml(self.cfg))

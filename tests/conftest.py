@@ -16,6 +16,7 @@ TINY = [
     "data.img_size=32", "predictor.depth=1", "predictor.dim=32", "predictor.num_heads=2",
     "masks.min_keep=2", "data.batch_size=8", "data.num_workers=0", "optim.warmup_steps=2", "trainer.log_every=1",
     "trainer.progress_bar=false", "monitor.bank_per_class=4", "monitor.query_per_class=2", "monitor.batch_size=32",
+    "trainer.plot=false",  # the health PNG costs ~1 s a run; tests/test_lejepa.py checks it
 ]
 
 

@@ -141,7 +141,8 @@ def test_bad_options_raise_value_error(name, kwargs, message):
 
 @pytest.mark.parametrize("name,options,message", [
     ("transformer", {"d_state": 16}, "predictor backbone 'transformer' takes no option 'd_state' "
-                                     "(its options: mlp_ratio, qkv_bias, drop_path, gated_attention, causal, norm, norm_eps)"),
+                                     "(its options: mlp_ratio, qkv_bias, drop_path, gated_attention, causal, norm, "
+                                     "norm_eps, checkpoint_blocks)"),
     ("mamba3", {"pattern": "MA", "gated_attention": True}, "predictor backbone 'mamba3' takes no options 'pattern', "
                                                            "'gated_attention' (its options: mlp_ratio, drop_path, "),
     ("hybrid", {"d_sate": 16}, "predictor backbone 'hybrid' takes no option 'd_sate' (its options: pattern, "),

@@ -48,6 +48,14 @@ BAD = [
     (["optim.ema_start=1.2"], "optim.ema_start"),
     (["trainer=5"], "config key 'trainer' is a section"),
     (["trainer.max_steps"], "override 'trainer.max_steps' is not of the form key=value"),
+    (["optim.lr=0"], "config key 'optim.lr' must be > 0, got 0.0"),
+    (["optim.betas=[1.5,0.9]"], "config key 'optim.betas' must be < 1"),
+    (["monitor.knn_temperature=0"], "config key 'monitor.knn_temperature' must be > 0"),
+    (["monitor.batch_size=0"], "config key 'monitor.batch_size' must be > 0"),
+    (["predictor.dim=30", "predictor.num_heads=4"], "config key 'predictor.num_heads' (4) must divide predictor.dim"),
+    (["model.num_heads=5"], "config key 'model.num_heads' (5) must divide the encoder width model.embed_dim (192, "),
+    (["model.embed_dim=100"], "config key 'model.num_heads' (3) must divide the encoder width model.embed_dim (100)"),
+    (["data.crop_scale=[0.3,"], "override 'data.crop_scale=[0.3,': the value is not valid YAML (line 1"),
 ]
 
 

@@ -18,6 +18,7 @@ from typing import Literal
 
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 from timm.layers import Attention, DropPath, LayerNorm, Mlp
 from timm.models.vision_transformer import Block
 
@@ -118,8 +119,10 @@ class TransformerBackbone(nn.Module):
         causal: bool = False,
         norm: Literal["pre", "post"] = "pre",
         norm_eps: float = 1e-6,
+        checkpoint_blocks: int = 0,
     ):
         super().__init__()
+        self.checkpoint_blocks = checkpoint_blocks  # the first N blocks recompute in backward (see encoders.vit)
         if norm not in _NORMS:
             raise ValueError(f"transformer norm '{norm}' is unknown (expected one of {list(_NORMS)})")
         if norm_eps <= 0:
@@ -141,6 +144,10 @@ class TransformerBackbone(nn.Module):
     def forward(self, x, pos=None, key_padding_mask=None):
         attn_mask, is_causal = attention_mask(key_padding_mask, self.causal, x.shape[1], x.device)
         causal = {"is_causal": True} if is_causal else {}
-        for block in self.blocks:
-            x = block(x, attn_mask=attn_mask, **causal)
+        recompute = self.checkpoint_blocks if torch.is_grad_enabled() else 0
+        for i, block in enumerate(self.blocks):
+            if i < recompute:
+                x = checkpoint(block, x, attn_mask=attn_mask, use_reentrant=False, **causal)
+            else:
+                x = block(x, attn_mask=attn_mask, **causal)
         return x
