@@ -155,7 +155,7 @@ def test_unknown_option_raises_value_error_naming_it(name, options, message):
 
 def test_backbone_options_are_what_each_builder_takes():
     assert backbone_options("transformer") == ("mlp_ratio", "qkv_bias", "drop_path", "gated_attention", "causal",
-                                              "norm", "norm_eps")
+                                              "norm", "norm_eps", "checkpoint_blocks")
     mixer = {"d_state", "expand", "headdim", "ngroups", "mimo_rank", "use_rotation", "bidirectional", "chunk_size",
              "dt_min", "dt_max", "a_floor", "a_init", "kernel", "scan_settings"}
     assert set(backbone_options("mamba3")) == {"mlp_ratio", "drop_path"} | mixer
