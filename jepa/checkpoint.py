@@ -7,6 +7,10 @@ safetensors, optimizer, RNG states; accelerate reads these back with ``torch.loa
 - ``train_state.json``            step, data position, schedules, monitor results
 - ``config.yaml``                 the resolved config
 - ``checksums.json``              size and sha256 of every other file, written last
+Under FSDP (accelerate's FSDP2 with ``fsdp_state_dict_type: FULL_STATE_DICT``) accelerate writes the online model as
+``pytorch_model_fsdp.bin`` (gathered on the main process; read back with ``torch.load(weights_only=True)``) instead of
+``model.safetensors``, and the optimizer state gathered whole; the teachers are gathered shard by shard and written as
+above, so every file holds whole tensors and the checkpoint reads like any other (``jepa.reader``).
 Saving refuses non-finite weights (``NonFiniteWeightsError``), so a checkpoint never holds NaN. The folder is written
 as ``.tmp-checkpoint-<step>``, checksummed, flushed to disk and renamed when complete, so a crash never leaves a
 half-written folder under a checkpoint name; older checkpoints are deleted only after that (renamed to
@@ -33,6 +37,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from .config import flatten, load_config, resumable_keys, to_yaml
+from .sharding import full_state_dict, load_full_state_dict, local
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +45,7 @@ CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d{8})$")
 STALE_PATTERN = re.compile(r"^\.(tmp|del)-checkpoint-\d{8}$")  # a save or a deletion cut short
 MARKER_FILES = ("train_state.json", "config.yaml")  # what makes a folder a checkpoint, whatever the method
 MODEL_FILE = "model.safetensors"
+FSDP_MODEL_FILE = "pytorch_model_fsdp.bin"  # accelerate's FSDP full state dict (FSDP_MODEL_NAME); tensors only
 MANIFEST_FILE = "checksums.json"
 HASH = "sha256"  # ~1 GB/s per thread with SHA-NI: a ViT-B checkpoint (~1.5 GB with the optimizer) in about 1 s
 RECOVERY_ADVICE = ("lower optim.lr (and optim.start_lr during warmup) or set optim.grad_clip (e.g. 1.0): these keys "
@@ -72,6 +78,20 @@ def teacher_file(name: str) -> str:
     return f"{name}.safetensors"
 
 
+def model_file(path: str | Path) -> str:
+    """The online model's file in checkpoint ``path``: ``model.safetensors``, or ``pytorch_model_fsdp.bin`` for one
+    written under FSDP (``model.safetensors`` when neither exists, so that the error names it)."""
+    return FSDP_MODEL_FILE if (Path(path) / FSDP_MODEL_FILE).is_file() and not (Path(path) / MODEL_FILE).is_file() \
+        else MODEL_FILE
+
+
+def uses_fsdp(accelerator) -> bool:
+    """Whether ``accelerator`` runs FSDP (its ``save_state`` then writes ``pytorch_model_fsdp.bin``)."""
+    from accelerate.utils import DistributedType
+
+    return getattr(accelerator, "distributed_type", None) == DistributedType.FSDP
+
+
 def checkpoint_dirs(output_dir: str | Path) -> list[Path]:
     """Complete checkpoint folders, oldest first."""
     output_dir = Path(output_dir)
@@ -101,10 +121,12 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, teachers: di
     accelerator.save_state(str(tmp), safe_serialization=True)
     save_file(rng_state(), str(tmp / f"rng_state_{accelerator.process_index}.safetensors"))
     accelerator.wait_for_everyone()  # every process has written its RNG state before the rename
-    if accelerator.is_main_process:
-        for name, teacher in teachers.items():
-            state = {k: v.detach().cpu().contiguous() for k, v in teacher.state_dict().items()}
+    main = accelerator.is_main_process
+    for name, teacher in teachers.items():  # gathered whole under FSDP (collective), one teacher at a time
+        state = full_state_dict(teacher, keep=main)
+        if main:
             save_file(state, str(tmp / teacher_file(name)))
+    if main:
         (tmp / "train_state.json").write_text(json.dumps(train_state, indent=2))
         (tmp / "config.yaml").write_text(to_yaml(cfg))
         write_manifest(tmp)  # also flushes every file to disk: the rename must not reach the disk before them
@@ -127,13 +149,15 @@ def nonfinite_tensors(accelerator, modules: dict[str, nn.Module]) -> list[str]:
     names, tensors = [], []
     for prefix, module in modules.items():
         for key, value in [*module.named_parameters(), *module.named_buffers()]:
-            if value.is_floating_point():
+            value = local(value.detach())  # under FSDP this process's shard (maybe empty); the count is reduced
+            if value.is_floating_point() and value.numel() > 0:
                 names.append(f"{prefix}.{key}")
-                tensors.append(value.detach())
-    if not tensors:
+                tensors.append(value)
+    if not tensors and accelerator.num_processes == 1:
         return []
-    device = tensors[0].device
-    bad = ~torch.isfinite(torch.stack([n.float().to(device) for n in torch._foreach_norm(tensors, ord=math.inf)]))
+    device = tensors[0].device if tensors else accelerator.device  # a process may hold only empty shards
+    maxima = [n.float().to(device) for n in torch._foreach_norm(tensors, ord=math.inf)] if tensors else []
+    bad = ~torch.isfinite(torch.stack(maxima)) if maxima else torch.zeros(0, dtype=torch.bool, device=device)
     count = bad.sum()
     if accelerator.num_processes > 1:  # sharded weights (FSDP) differ between processes: all must agree
         count = accelerator.reduce(count, reduction="sum")
@@ -399,10 +423,14 @@ def load_checkpoint(accelerator, path: Path, teachers: dict[str, nn.Module], cfg
     train state dict. The files are verified against their checksums first (CorruptCheckpointError); a missing
     file, an unreadable file or a config mismatch raises CheckpointError. A missing RNG state file is an error too:
     without it the run would go on with other data order, masks and drop-path draws, silently inexact."""
-    required = [*MARKER_FILES, *(teacher_file(name) for name in teachers), MODEL_FILE]
+    model_name = FSDP_MODEL_FILE if uses_fsdp(accelerator) else MODEL_FILE
+    required = [*MARKER_FILES, *(teacher_file(name) for name in teachers), model_name]
     missing = [name for name in required if not (path / name).is_file()]
     if missing:
-        raise CorruptCheckpointError(f"checkpoint '{path}' is incomplete: missing {missing}")
+        other = MODEL_FILE if model_name == FSDP_MODEL_FILE else FSDP_MODEL_FILE
+        hint = (f" (it holds '{other}': it was written {'without' if other == MODEL_FILE else 'under'} FSDP; resume "
+                f"it with the accelerate config it was trained with)") if (path / other).is_file() else ""
+        raise CorruptCheckpointError(f"checkpoint '{path}' is incomplete: missing {missing}{hint}")
     missing_rng = [name for name in rng_files(accelerator.process_index) if not (path / name).is_file()]
     if missing_rng:
         raise CorruptCheckpointError(
@@ -416,7 +444,7 @@ def load_checkpoint(accelerator, path: Path, teachers: dict[str, nn.Module], cfg
         accelerator.load_state(str(path))
         restore_rng_state(path, accelerator.process_index)
         for name, teacher in teachers.items():
-            teacher.load_state_dict(load_file(str(path / teacher_file(name))), strict=True)
+            load_full_state_dict(teacher, load_file(str(path / teacher_file(name))))
     except CheckpointError:
         raise
     except Exception as err:  # corrupt files surface as many exception types; name the checkpoint

@@ -46,7 +46,8 @@ def variance_covariance(embeddings: torch.Tensor, eps: float = 1e-4) -> tuple[to
 
 class LogitScale(nn.Module):
     """CLIP's learnable temperature: ``scale = exp(log_scale)`` clamped to ``max_scale``, initialised to
-    ``1 / init_temperature``; ``learnable=False`` keeps it a fixed buffer."""
+    ``1 / init_temperature``; ``learnable=False`` keeps it a fixed buffer. ``log_scale`` has shape (1,) (FSDP2 shards
+    no 0-d parameter); a 0-d one from an older checkpoint loads into it."""
 
     def __init__(self, init_temperature: float = 0.07, learnable: bool = True, max_scale: float = 100.0):
         super().__init__()
@@ -55,7 +56,7 @@ class LogitScale(nn.Module):
         if not 1 / init_temperature <= max_scale:
             raise ValueError(f"loss.temperature {init_temperature} gives scale {1 / init_temperature:.4g} above "
                              f"max_scale {max_scale}")
-        log_scale = torch.tensor(math.log(1.0 / init_temperature))
+        log_scale = torch.tensor([math.log(1.0 / init_temperature)])
         if learnable:
             self.log_scale = nn.Parameter(log_scale)
         else:
@@ -64,7 +65,13 @@ class LogitScale(nn.Module):
 
     def forward(self) -> torch.Tensor:
         """0-d scale; the clamp stops the gradient once the scale reaches ``max_scale``, as in CLIP."""
-        return self.log_scale.exp().clamp(max=self.max_scale)
+        return self.log_scale.exp().clamp(max=self.max_scale).reshape(())
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "log_scale"
+        if key in state_dict and state_dict[key].dim() == 0:  # saved when log_scale was 0-d
+            state_dict[key] = state_dict[key].reshape(1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 def _process_group() -> tuple[int, int]:

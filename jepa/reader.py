@@ -4,8 +4,10 @@
 
 The config saved in the checkpoint names the method; the method's spec (``jepa.methods``) says where each encoder
 lives (``teacher:<name>`` -> ``<name>.safetensors``, ``model:<prefix>`` -> the ``<prefix>.*`` keys of
-``model.safetensors``) and rebuilds its architecture from the config. The files read are verified against the
-checkpoint's checksums first (``jepa.checkpoint.verify_files``; a checkpoint without checksums loads with a warning).
+``model.safetensors``, or ``pytorch_model_fsdp.bin`` in a checkpoint written under FSDP: accelerate's full state
+dict, read with ``torch.load(weights_only=True)``) and rebuilds its architecture from the config. The files read are
+verified against the checkpoint's checksums first (``jepa.checkpoint.verify_files``; a checkpoint without checksums
+loads with a warning).
 """
 from __future__ import annotations
 
@@ -15,8 +17,8 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file
 
-from .checkpoint import (MODEL_FILE, CheckpointError, find_checkpoint, is_checkpoint_dir, read_saved_config,
-                         teacher_file, verify_files)
+from .checkpoint import (FSDP_MODEL_FILE, CheckpointError, find_checkpoint, is_checkpoint_dir, model_file,
+                         read_saved_config, teacher_file, verify_files)
 from .methods import get_method
 
 
@@ -44,9 +46,13 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file, or accelerate's FSDP full state dict (``pytorch_model_fsdp.bin``: tensors only, loaded
+    with ``weights_only=True``, memory-mapped)."""
     if not path.is_file():
         raise EncoderReadError(f"missing weights file '{path}'")
     try:
+        if path.name == FSDP_MODEL_FILE:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         return load_file(str(path))
     except Exception as err:  # a torn or foreign file surfaces as several exception types
         raise EncoderReadError(f"weights file '{path}' is corrupt or unreadable: {type(err).__name__}: {err}") from err
@@ -77,10 +83,11 @@ def verify(ckpt: Path, names: list[str]) -> None:
         raise EncoderReadError(str(err)) from err
 
 
-def location_file(location: str) -> str:
-    """The checkpoint file of a method's encoder location (``teacher:<name>`` or ``model:<prefix>``)."""
+def location_file(ckpt: Path, location: str) -> str:
+    """The file of checkpoint ``ckpt`` holding a method's encoder location (``teacher:<name>`` or
+    ``model:<prefix>``)."""
     kind, _, name = location.partition(":")
-    return teacher_file(name) if kind == "teacher" else MODEL_FILE
+    return teacher_file(name) if kind == "teacher" else model_file(ckpt)
 
 
 def encoder_state(ckpt: Path, location: str) -> dict[str, torch.Tensor]:
@@ -88,11 +95,12 @@ def encoder_state(ckpt: Path, location: str) -> dict[str, torch.Tensor]:
     kind, _, name = location.partition(":")
     if kind == "teacher":
         return read_weights(ckpt / teacher_file(name))
-    online = read_weights(ckpt / MODEL_FILE)
+    online = read_weights(ckpt / model_file(ckpt))
     prefix = f"{name}."
     state = {k[len(prefix):]: v for k, v in online.items() if k.startswith(prefix)}
     if not state:
-        raise EncoderReadError(f"'{ckpt / MODEL_FILE}' has no '{prefix}*' keys (found e.g. {sorted(online)[:3]})")
+        raise EncoderReadError(f"'{ckpt / model_file(ckpt)}' has no '{prefix}*' keys (found e.g. "
+                               f"{sorted(online)[:3]})")
     return state
 
 
@@ -106,7 +114,7 @@ def load_checkpoint_encoder(path: str | Path, which: str | None = None) -> tuple
     if which not in spec.encoders:
         raise EncoderReadError(f"--which '{which}' is not an encoder of method '{spec.name}' (expected one of "
                                f"{list(spec.encoders)})")
-    verify(ckpt, [location_file(spec.encoders[which])])
+    verify(ckpt, [location_file(ckpt, spec.encoders[which])])
     encoder = spec.build_encoder(cfg)
     load_strict(encoder, encoder_state(ckpt, spec.encoders[which]), ckpt)
     return encoder.eval(), cfg, ckpt
@@ -121,8 +129,9 @@ def load_checkpoint_parts(path: str | Path):
     ckpt = resolve_checkpoint(path)
     cfg = read_verified_config(ckpt)
     parts = get_method(cfg.method).build(cfg)
-    verify(ckpt, [MODEL_FILE, *(teacher_file(name) for name in parts.teachers)])
-    load_strict(parts.model, read_weights(ckpt / MODEL_FILE), ckpt / MODEL_FILE)
+    online = model_file(ckpt)
+    verify(ckpt, [online, *(teacher_file(name) for name in parts.teachers)])
+    load_strict(parts.model, read_weights(ckpt / online), ckpt / online)
     for name, teacher in parts.teachers.items():
         load_strict(teacher.module, read_weights(ckpt / teacher_file(name)), ckpt / teacher_file(name))
     parts.model.eval()

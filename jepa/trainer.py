@@ -9,12 +9,16 @@ optimizer step. Nothing in the step reads a tensor back to the host: logs accumu
 every ``trainer.log_every`` steps, where a non-finite loss also stops the run; whatever the log interval, a
 checkpoint is never written from non-finite weights (``jepa.checkpoint.NonFiniteWeightsError``), so the last good
 checkpoint stays intact. ``fit`` holds the output folder's run lock (``jepa.run_lock``) from start to end.
+Under accelerate's FSDP2 (``configs/accelerate/fsdp.yaml``) each EMA teacher is sharded like the online submodule it
+follows and updated shard by shard (``jepa.sharding``); the monitors read a whole copy gathered when they run.
 """
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +36,7 @@ from .monitors import CollapseMonitor
 from .precision import resolve_precision
 from .run_lock import run_lock
 from .schedules import Cosine, Linear, WarmupCosine
+from .sharding import full_state_dict, replicated_value, shard_like
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +82,18 @@ def param_groups(model: nn.Module) -> list[dict]:
     return out
 
 
+def match_state_shapes(optimizer) -> None:
+    """Optimizer state saved for a parameter whose shape changed since but not its size takes the parameter's shape
+    (VL-JEPA's ``logit_scale.log_scale``: 0-d in older checkpoints, (1,) now); the step counts stay 0-d."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            state = optimizer.state.get(param, {})
+            for key, value in state.items():
+                if key != "step" and torch.is_tensor(value) and value.shape != param.shape \
+                        and value.numel() == param.numel():
+                    state[key] = value.reshape(param.shape)
+
+
 def build_schedules(cfg) -> dict:
     o, total = cfg.optim, cfg.optim.schedule_steps or cfg.trainer.max_steps
     return {
@@ -118,6 +135,43 @@ def check_output_dir(output_dir: str) -> None:
             raise ConfigError(f"config key 'trainer.output_dir' is '{output_dir}', but '{parent}' is a file")
 
 
+def fsdp_plugin(accelerator):
+    """accelerate's FSDP plugin when the run is FSDP-sharded (``accelerate launch --config_file
+    configs/accelerate/fsdp*.yaml``), else None. ConfigError for what this trainer does not support: FSDP1 (its flat
+    parameters cannot be mirrored onto the EMA teachers) and a sharded state dict (``torch.distributed.checkpoint``
+    unpickles its metadata on load, while checkpoints here load without pickle code execution)."""
+    from accelerate.utils import DistributedType
+
+    if getattr(accelerator, "distributed_type", None) != DistributedType.FSDP:
+        if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+            logger.warning("the accelerate config asks for FSDP but accelerate runs %s (it takes FSDP on GPUs "
+                           "only): the model is not sharded", getattr(accelerator, "distributed_type", None))
+        return None
+    plugin = accelerator.state.fsdp_plugin
+    if plugin.fsdp_version != 2:
+        raise ConfigError(f"accelerate config 'fsdp_config.fsdp_version' is {plugin.fsdp_version}; expected 2 "
+                          f"(FSDP2 fully_shard: each EMA teacher is sharded like the online module it follows)")
+    state_dict_type = getattr(plugin.state_dict_type, "name", plugin.state_dict_type)
+    if state_dict_type != "FULL_STATE_DICT":
+        raise ConfigError(f"accelerate config 'fsdp_config.fsdp_state_dict_type' is {state_dict_type}; expected "
+                          f"FULL_STATE_DICT (a sharded state dict is read back by unpickling its metadata; "
+                          f"checkpoints here load without pickle code execution)")
+    return plugin
+
+
+def declare_fsdp_units(model: nn.Module) -> None:
+    """Name the FSDP units for accelerate's ``TRANSFORMER_BASED_WRAP`` policy when the accelerate config lists no
+    ``fsdp_transformer_layer_cls_to_wrap``: the class of every element of an ``nn.ModuleList`` (the encoders' and
+    predictors' blocks, whatever their class: ViT ``Block``, ``Mamba3Block``, a text encoder's layers), set as the
+    model's ``_no_split_modules`` (which accelerate reads) unless the model declares its own."""
+    if getattr(model, "_no_split_modules", None):
+        return
+    containers = (nn.ModuleList, nn.ModuleDict, nn.Sequential)
+    names = {type(child).__name__ for module in model.modules() if isinstance(module, nn.ModuleList)
+             for child in module if not isinstance(child, containers)}
+    model._no_split_modules = sorted(names)
+
+
 def make_accelerator(cfg):
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
@@ -148,6 +202,12 @@ class Trainer:
         fused = self.device.type == "cuda"
         optimizer = torch.optim.AdamW(param_groups(parts.model), lr=cfg.optim.start_lr, betas=cfg.optim.betas,
                                       weight_decay=cfg.optim.weight_decay, fused=fused)
+        self.fsdp = fsdp_plugin(self.accelerator)
+        # FSDP: the monitors read a whole copy (host memory), refreshed from the shards when they run
+        self.monitor_copy = (copy.deepcopy(parts.monitor_encoder).cpu()
+                             if self.fsdp is not None and parts.monitor_encoder is not None else None)
+        if self.fsdp is not None:
+            declare_fsdp_units(parts.model)
         if cfg.trainer.compile:
             for module in [parts.model] + [t.module for t in parts.teachers.values()]:
                 compile_blocks(module)
@@ -156,7 +216,12 @@ class Trainer:
         self.teachers = {name: t.module.to(self.device).requires_grad_(False) for name, t in parts.teachers.items()}
         self.ema_pairs = [(self.teachers[name], self.method.get_submodule(t.follows))
                           for name, t in parts.teachers.items() if t.follows is not None]
-        self.monitor_encoder = parts.monitor_encoder.to(self.device) if parts.monitor_encoder is not None else None
+        if self.fsdp is not None:  # each EMA teacher sharded as the online module it follows, with its policies
+            for teacher, online in self.ema_pairs:
+                shard_like(teacher, online, self.fsdp.mixed_precision_policy, self.fsdp.cpu_offload)
+        self.monitor_encoder = parts.monitor_encoder  # under FSDP its (sharded) source of monitor_copy, left in place
+        if self.monitor_encoder is not None and self.fsdp is None:
+            self.monitor_encoder = self.monitor_encoder.to(self.device)
         self.state = TrainState()
         self.collapse = CollapseMonitor()
         self.last_features: dict[str, torch.Tensor] = {}
@@ -176,6 +241,7 @@ class Trainer:
         self.state = TrainState(step=saved["step"], epoch=saved["epoch"], batch_in_epoch=saved["batch_in_epoch"],
                                 monitors=saved.get("monitors", {}),
                                 collapse_reference=saved.get("collapse_reference", {}))
+        match_state_shapes(self.optimizer)
         self.collapse.load_state_dict(self.state.collapse_reference)
         for name, schedule in self.schedules.items():
             schedule.load_state_dict(saved["schedules"][name])
@@ -227,8 +293,8 @@ class Trainer:
             sums["skipped"] = sums.get("skipped", 0) + batch.skipped
             samples += len(batch)
         max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else math.inf
-        sums["grad_norm"] = sums.get("grad_norm", 0.0) + self.accelerator.clip_grad_norm_(
-            self.model.parameters(), max_norm).detach()
+        grad_norm = replicated_value(self.accelerator.clip_grad_norm_(self.model.parameters(), max_norm))
+        sums["grad_norm"] = sums.get("grad_norm", 0.0) + grad_norm.detach()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         for teacher, online in self.ema_pairs:
@@ -273,16 +339,33 @@ class Trainer:
         (whose loaders draw worker seeds) never changes the training run."""
         results = {}
         devices = [self.device] if self.device.type == "cuda" else []
+        encoder = self._monitored_encoder()
         if self.accelerator.is_main_process:
             for monitor in self.monitors:
                 with torch.random.fork_rng(devices=devices):
-                    value = monitor(self.monitor_encoder, self.device, self.accelerator.autocast)
+                    value = monitor(encoder, self.device, self.accelerator.autocast)
                 results[f"{monitor.name}@{self.state.step}"] = value
                 self.accelerator.log({f"monitor/{monitor.name}": value}, step=self.state.step)
                 self._print(f"step {self.state.step}: {monitor.name} = {value:.4f}")
+        if self.monitor_copy is not None:
+            self.monitor_copy.cpu()  # the device copy lives only while the monitors run
         self.accelerator.wait_for_everyone()
         self.state.monitors.update(results)
         return results
+
+    def _monitored_encoder(self) -> nn.Module | None:
+        """The monitor encoder itself, or under FSDP its whole copy on the main process's device, refreshed from the
+        shards (collective: every process gathers, the main one keeps; None elsewhere). The monitors then run on the
+        main process alone, as without FSDP; the copy costs one unsharded monitor encoder in host memory, and on the
+        main process's device while the monitors run."""
+        if self.monitor_copy is None:
+            return self.monitor_encoder
+        main = self.accelerator.is_main_process
+        state = full_state_dict(self.monitor_encoder, keep=main)
+        if not main:
+            return None
+        self.monitor_copy.load_state_dict(state, strict=True)
+        return self.monitor_copy.to(self.device)
 
     def save(self) -> Path:
         return save_checkpoint(self.accelerator, self.output_dir, self.state.step, self.teachers,
