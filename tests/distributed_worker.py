@@ -149,6 +149,7 @@ def step_worker(rank: int, world: int, init_file: str, env: dict, out_dir: str, 
         if main:
             torch.save({"grads": grads, "before": before, "after": after, "sharding": sharding_facts(trainer)},
                        f"{out_dir}/result.pt")
+        dist.barrier()  # no rank tears the group down while a peer still talks (see tests/gloo_group.py)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -244,5 +245,6 @@ def mesh_worker(rank: int, world: int, init_file: str, out_dir: str, overrides: 
                         "resharded": all(isinstance(p, DTensor) for p in teacher.parameters()),
                         "start": start, "after": after, "delta": delta, "images": images, "output": output,
                         "whole_error": whole_error}, f"{out_dir}/mesh.pt")
+        dist.barrier()
     finally:
         dist.destroy_process_group()

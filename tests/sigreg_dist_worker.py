@@ -1,8 +1,8 @@
 """The per-rank half of the two-process SIGReg test (tests/test_lejepa.py), in a module light to import: each
 spawned process imports only torch and jepa.losses."""
 import torch
-import torch.distributed as dist
 
+from gloo_group import gloo_group
 from jepa.losses import SIGReg
 
 
@@ -20,9 +20,6 @@ def sigreg_and_grad(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def rank_main(rank: int, world: int, rendezvous: str, out_dir: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, rendezvous):
         rows = slice(0, 5) if rank == 0 else slice(5, 12)  # unequal shares: the counts are reduced too
         torch.save(sigreg_and_grad(full_views()[:, rows]), f"{out_dir}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()

@@ -18,6 +18,7 @@ from data.loaders import build_pretrain_loader
 from data.token_cache import TokenCache, fixed_view_transform
 from data.transforms import DeviceNormalize
 from data.vl_sources import flickr_source
+from gloo_group import gloo_group
 from jepa.methods import MethodParts
 
 from test_vl_data import FLICKR, FakeTokenizer, make_flickr_copy
@@ -230,15 +231,11 @@ def test_distributed_rank_zero_builds_others_read_after_the_barrier(images, tmp_
 
 
 def _dist_worker(rank: int, world_size: int, init_file: str, images: list, folder: str, results: str) -> None:
-    torch.set_num_threads(1)  # a forked child: keep off the parent's thread pool
-    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    try:
+    with gloo_group(rank, world_size, init_file):
         encoder = Patchify()
         cache = TokenCache.build(images, encoder, img_size=32, folder=folder, dtype="fp32", batch_size=2,
                                  num_workers=0)
         torch.save({"calls": encoder.calls, "tokens": cache[1]}, f"{results}/{rank}.pt")
-    finally:
-        torch.distributed.destroy_process_group()
 
 
 @pytest.mark.slow

@@ -5,9 +5,9 @@ import math
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from gloo_group import gloo_group
 from jepa.losses import LogitScale, cosine_embedding_loss, info_nce, sigreg
 
 
@@ -115,16 +115,13 @@ def _loss_and_grads(pred, target, keys, log_scale):
 
 
 def _rank_worker(rank, world, rendezvous, out_dir):
-    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, rendezvous):
         pred, target, keys = _full_batch()
         rows = slice(rank * 4, rank * 4 + 4)
         results = {}
         for name, key in (("diagonal", None), ("keys", keys[rows])):
             results[name] = _loss_and_grads(pred[rows], target[rows], key, torch.tensor(1.5))
         torch.save(results, f"{out_dir}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.slow
