@@ -2,6 +2,8 @@
 # One-GPU V-JEPA run on the generated camera-motion set under a wall-clock budget, then frozen attentive probes
 # (motion and object labels) of the trained and of a random-init encoder of the same shape.
 #   BUDGET=300 bash benchmarks/vjepa_motion_gpu.sh runs/vjepa_motion [key=value ...]
+# PROBE_LAYERS="1 4": one probe per count of last blocks whose tokens are concatenated (features.layers);
+# PROBE_ARGS: more eval overrides (e.g. "attentive.lrs=[0.0003,0.001,0.003]").
 # Expects .gpu_data/motion.zip (jepa data make-motion --out motion_gpu ...; zipped) and .whl/decord-*.whl.
 set -euo pipefail
 RUN=$1; shift
@@ -25,9 +27,11 @@ python3 train.py --config "$CFG" trainer.max_steps=$STEPS trainer.output_dir="$R
 # a random-init encoder of the same shape: one step at learning rate 0 changes no weight (and the EMA copy neither)
 python3 train.py --config "$CFG" trainer.max_steps=1 optim.lr=0 optim.start_lr=0 optim.final_lr=0 \
   trainer.output_dir="$RUN.random" trainer.progress_bar=false monitor.knn_every=0 "$@" > "$RUN.random.log" 2>&1
-for ENC in "$RUN" "$RUN.random"; do
-  python3 -m jepa.cli eval attentive --encoder "$ENC" --data .gpu_data/motion --out "$RUN.eval" \
-    "features.label_columns=[motion,object]" features.num_workers=12 features.progress_bar=false \
-    attentive.epochs=${PROBE_EPOCHS:-10}
+for LAYERS in ${PROBE_LAYERS:-1}; do
+  for ENC in "$RUN" "$RUN.random"; do
+    python3 -m jepa.cli eval attentive --encoder "$ENC" --data .gpu_data/motion --out "$RUN.eval" \
+      "features.label_columns=[motion,object]" features.num_workers=12 features.progress_bar=false \
+      features.layers=$LAYERS attentive.epochs=${PROBE_EPOCHS:-10} ${PROBE_ARGS:-}
+  done
 done
 grep -h "kNN accuracy" "$RUN.random.log" || true

@@ -4,7 +4,8 @@ through the on-disk cache.
 Modes:
 - ``pooled``: (N, k*D) float32 — each of the last k layers mean-pooled over tokens, concatenated (k=1: the
   mean-pooled last layer); ``pool_layers`` is the one pooling, shared with the training kNN monitor.
-- ``tokens``: (N, T, D) float16 — every last-layer token (the attentive probe's input).
+- ``tokens``: (N, T, k*D) float16 — every token of the last k layers, concatenated along channels (k=1: the
+  last layer's tokens; the attentive probe's input).
 
 Clip sources (``data.labelled.ClipViews``) give every video V = ``num_clips * num_crops`` views, batches
 (B, V, C, T, H, W): the views go through the encoder as B * V clips; ``pooled`` averages them into one (N, k*D) row
@@ -36,7 +37,7 @@ class FeatureConfig:
     img_size: int = knob(0, ge=0)  # 0: the encoder's training data.img_size (224 for timm: encoders)
     batch_size: int = knob(128, gt=0)  # per process
     num_workers: int = knob(4, ge=0)
-    layers: int = knob(1, gt=0)  # pooled features: mean-pool each of the last `layers` blocks and concatenate
+    layers: int = knob(1, gt=0)  # the last `layers` blocks, concatenated: pooled each, or token by token (tokens)
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     cache_dir: str = ""  # "": $OPENJEPA_CACHE or ~/.cache/openjepa/features
     progress_bar: bool = True
@@ -79,6 +80,16 @@ def build_dataset(root: str | Path, split: str, img_size: int, indices: list[int
 def pool_layers(layers: list[torch.Tensor]) -> torch.Tensor:
     """[(B, N_i, D_i)] -> (B, sum_i D_i) float32: every layer mean-pooled over its tokens, concatenated."""
     return torch.cat([layer.float().mean(1) for layer in layers], dim=1)
+
+
+def stack_layer_tokens(layers: list[torch.Tensor]) -> torch.Tensor:
+    """[(B, N, D_i)] -> (B, N, sum_i D_i) float16: the layers' tokens concatenated along channels."""
+    counts = {layer.shape[1] for layer in layers}
+    if len(counts) != 1:
+        raise ValueError(f"token features of {len(layers)} layers need one token count per layer, got "
+                         f"{[layer.shape[1] for layer in layers]} (features.layers={len(layers)}; use 1 for this "
+                         "encoder)")
+    return torch.cat(layers, dim=2).to(torch.float16)
 
 
 @torch.no_grad()
@@ -131,7 +142,7 @@ def extract_features(encoder: FrozenEncoder, dataset: LabelledSource, mode: str,
     device = accelerator.device
     precision = resolve_precision(precision, device.type)
     description = dict(encoder=encoder.fingerprint, data=dataset.fingerprint(), transform=repr(dataset.transform),
-                       mode=mode, layers=layers if mode == "pooled" else 1, precision=precision)
+                       mode=mode, layers=layers, precision=precision)
     key = cache_key(description)
     views = getattr(dataset, "num_views", 1)
     hit = load_entry(cache_dir, key)
@@ -141,7 +152,7 @@ def extract_features(encoder: FrozenEncoder, dataset: LabelledSource, mode: str,
     loader = accelerator.prepare_data_loader(loader, device_placement=False)
     encoder.to(device)
     if mode == "tokens":
-        encode = over_views(lambda pixels: encoder.tokens(pixels).to(torch.float16), average=False)
+        encode = over_views(lambda pixels: stack_layer_tokens(encoder.layers(pixels, layers)), average=False)
     else:
         encode = over_views(lambda pixels: pool_layers(encoder.layers(pixels, layers)), average=True)
     bar = tqdm(loader, desc=f"features ({mode})", disable=not (progress and accelerator.is_main_process),

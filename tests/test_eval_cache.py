@@ -69,6 +69,12 @@ def test_layers_concatenate(tiny_data, tmp_path):
     assert two.features.shape == (6, 64) and torch.allclose(two.features[:, 32:], last.features, atol=1e-6)
     timm_cnn = load_frozen_encoder("timm:resnet10t", img_size=32)
     assert extract(timm_cnn, tiny_data, tmp_path / "cache", layers=2).features.shape[1] == 512 + 256
+    tokens_two = extract(encoder, tiny_data, tmp_path / "cache", layers=2, mode="tokens")
+    tokens_last = extract(encoder, tiny_data, tmp_path / "cache", layers=1, mode="tokens")
+    assert tokens_two.features.shape == (6, 16, 64) and tokens_two.key != tokens_last.key
+    assert torch.equal(tokens_two.features[..., 32:], tokens_last.features)
+    with pytest.raises(ValueError, match="one token count per layer"):
+        extract(timm_cnn, tiny_data, tmp_path / "cache", layers=2, mode="tokens")
 
 
 def test_bad_encoder_values(tmp_path):

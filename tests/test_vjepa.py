@@ -54,6 +54,22 @@ def test_vjepa_trains_on_real_clips_and_resumes_exactly(clip_folder, tmp_path, c
     assert_same_weights(tmp_path / "full" / "checkpoint-00000010", tmp_path / "split" / "checkpoint-00000010")
 
 
+def test_vjepa_with_sigreg_trains_and_resumes_exactly(clip_folder, tmp_path, capsys):
+    """The I-JEPA loss options (here λ SIGReg on the context embeddings, slices redrawn per step) apply to V-JEPA."""
+    sigreg = ("loss.sigreg_weight=0.5", "sigreg.num_slices=16", "optim.lr=3e-3", "monitor.knn_every=0",
+              "optim.schedule_steps=6", "trainer.checkpoint_every=3")
+    run(clip_folder, tmp_path / "full", "trainer.max_steps=6", *sigreg)
+    out = capsys.readouterr().out
+    assert len(losses(out)) == 6 and all(math.isfinite(v) for v in losses(out))
+    run(clip_folder, tmp_path / "split", "trainer.max_steps=3", *sigreg)
+    run(clip_folder, tmp_path / "split", "trainer.max_steps=6", *sigreg)
+    assert_same_weights(tmp_path / "full" / "checkpoint-00000006", tmp_path / "split" / "checkpoint-00000006")
+    plain = tmp_path / "plain"
+    run(clip_folder, plain, "trainer.max_steps=6", *sigreg[2:], "loss.sigreg_weight=0")
+    with pytest.raises(AssertionError):  # the regulariser changes the weights
+        assert_same_weights(tmp_path / "full" / "checkpoint-00000006", plain / "checkpoint-00000006")
+
+
 def test_vjepa_rope_encoder_exports_to_vjepa2_and_back(clip_folder, tmp_path):
     run(clip_folder, tmp_path / "run", "trainer.max_steps=2", "trainer.checkpoint_every=2", "model.pos=rope",
         "monitor.knn_every=0")

@@ -4,7 +4,8 @@ Each clip gets two mask sets, as in V-JEPA: short-range (8 blocks of spatial sca
 spatial scale 0.7), every block spanning the whole clip in time, aspect 0.75-1.5; the targets of a set are the union
 of its blocks, the context is the rest of the clip. Every sampled token is kept (padding + key-padding masks);
 ``masks.equalize: truncate`` reproduces the official cut to the batch minimum. The loss is L1 on layer-normed targets
-by default, one predictor pass per mask set, averaged over the sets.
+by default, one predictor pass per mask set, averaged over the sets. The I-JEPA loss options apply unchanged:
+VICReg terms, λ · SIGReg on the context embeddings (``loss.sigreg_weight``), online targets.
 
 batch: ``pixels`` (B, C, T, H, W) and ``masks`` = [short-range, long-range] ``MaskBatch`` on the (T/t, H/p, W/p) grid.
 """
@@ -14,9 +15,9 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from ..config import ConfigError, knob
-from ..sections import DataConfig, LossConfig, ModelConfig, PredictorConfig, TrainConfig
+from ..sections import DataConfig, ModelConfig, PredictorConfig, SIGRegConfig, TrainConfig
 from . import MethodParts, register_method
-from .ijepa import build_latent_prediction, build_vision_encoder
+from .ijepa import IJEPALossConfig, build_latent_prediction, build_vision_encoder
 
 
 @dataclass
@@ -66,7 +67,8 @@ class VJEPAConfig(TrainConfig):
     model: VideoModelConfig = field(default_factory=VideoModelConfig)
     predictor: PredictorConfig = field(default_factory=PredictorConfig)
     masks: VideoMaskConfig = field(default_factory=VideoMaskConfig)
-    loss: LossConfig = field(default_factory=lambda: LossConfig(kind="l1"))
+    loss: IJEPALossConfig = field(default_factory=lambda: IJEPALossConfig(kind="l1"))  # + SIGReg / online targets
+    sigreg: SIGRegConfig = field(default_factory=SIGRegConfig)  # read when loss.sigreg_weight > 0
 
     def check(self, prefix: str) -> None:
         d, m = self.data, self.model
