@@ -82,3 +82,13 @@ def test_unknown_key_and_wrong_type_through_train(tiny_data, tmp_path):
 def test_dataset_smaller_than_a_batch(tiny_data, tmp_path):
     with pytest.raises(ValueError, match=r"fewer than one global batch \(data.batch_size 64"):
         run(tiny_data, tmp_path / "out", "data.batch_size=64")
+
+
+def test_a_name_asked_of_hugging_face_kernels_names_the_package_conflict():
+    import kernels
+
+    with pytest.raises(ImportError, match=r"openjepa's kernel package .* not Hugging Face's 'kernels' distribution"):
+        from kernels import CUDAProperties  # noqa: F401  (what transformers' hub-kernel integration imports)
+    from kernels import mamba3_scan_ref  # our own submodules still import through `from kernels import`
+
+    assert callable(mamba3_scan_ref.scan_fused_ref) and not hasattr(kernels, "_private_probe")
