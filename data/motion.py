@@ -15,7 +15,8 @@ manifest per split, ``<out>/<split>.csv``: ``path,motion,object,source`` (paths 
 ``data.video.VideoClipDataset(out / 'train.csv', ..., label_column='motion', classes=list(MOTIONS))`` (or
 ``label_column='object'``). The set is deterministic given the seed: which images (``per_class`` of each object
 class, ``data.subsets.per_class_choice``), their motions (round-robin over a seeded order, balanced overall and in
-every class to within one clip) and the window centres.
+every class to within one clip), the window centres and so every rendered frame. The encoded bytes are not always:
+libx264 here can code the same frames a few levels apart, depending on what it encoded before.
 
     python -m data.motion --out DIR --per-class N [--images ../shared/data/imagenette] [--frames 16] [--size 64]
 """
