@@ -1,7 +1,7 @@
 """The one batch type every collator builds and every method reads.
 
     Batch(pixels, masks=[MaskBatch, ...], text={...} | None, labels=(B,) | None, skipped=scalar, tokens=None,
-          views=None)
+          views=None, encoded=None)
 
 - ``pixels``: images (B, C, H, W) or clips (B, C, T, H, W); uint8 out of the workers (4x less to pin and copy),
   float after the device transform (``data.transforms.DeviceNormalize``).
@@ -14,8 +14,11 @@
 - ``tokens``: precomputed input-encoder tokens (B, N, D) (bf16 or fp32) when the pipeline reads a token cache; then
   ``pixels`` is None.
 - ``views``: multi-crop views (LeJEPA) as a ``MultiView``, with ``pixels`` None.
+- ``encoded``: the batch's JPEG files, not yet decoded, with their crop boxes and flips (``EncodedImages``,
+  ``data.decode=device``), with ``pixels`` None until the device transform (``data.device_decode``) decodes them.
 
-``batch.to(device)`` moves every tensor, recursively (lists, dicts, dataclasses such as ``MaskBatch``);
+``batch.to(device)`` moves every tensor, recursively (lists, dicts, dataclasses such as ``MaskBatch``), except the
+encoded bytes, which stay in host memory (the JPEG decoder reads them there, whatever device it decodes on);
 ``pin_memory()`` is what the DataLoader calls with ``pin_memory=True``; ``len(batch)`` is the number of samples.
 """
 from __future__ import annotations
@@ -63,6 +66,54 @@ class MultiView:
 
 
 @dataclass
+class EncodedImages:
+    """The JPEG files of a batch, read but not decoded (``data.decode=device``), and how to crop each.
+
+    - ``data``: (L,) uint8, every file's bytes back to back: one buffer leaves a DataLoader worker through one
+      shared-memory block, where B separate tensors would need B;
+    - ``offsets``: (B + 1,) long, file b is ``data[offsets[b]:offsets[b + 1]]`` (``files()``);
+    - ``boxes``: (B, 5) float32, ``(b, x1, y1, x2, y2)``: row b's random-resized-crop box in pixels of its decoded
+      image, pixel k spanning [k, k + 1) (``torchvision.ops.roi_align``'s format with ``aligned=True``);
+    - ``flips``: (B,) bool, flip the crop horizontally;
+    - ``paths``: the B file paths (what errors name).
+
+    ``to(device)`` moves ``boxes`` and ``flips``; ``data`` and ``offsets`` stay on the host.
+    """
+
+    data: torch.Tensor
+    offsets: torch.Tensor
+    boxes: torch.Tensor
+    flips: torch.Tensor
+    paths: list[str]
+
+    @staticmethod
+    def pack(files: list[torch.Tensor], boxes: list[tuple[float, float, float, float]], flips: list[bool],
+             paths: list[str]) -> "EncodedImages":
+        """B files ((L_b,) uint8), boxes ``(x1, y1, x2, y2)`` and flips -> one ``EncodedImages``."""
+        sizes = torch.tensor([0] + [len(f) for f in files])
+        rows = torch.arange(len(files), dtype=torch.float32).unsqueeze(1)
+        return EncodedImages(data=torch.cat(files), offsets=sizes.cumsum(0),
+                             boxes=torch.cat([rows, torch.tensor(boxes, dtype=torch.float32).view(-1, 4)], 1),
+                             flips=torch.tensor(flips, dtype=torch.bool), paths=list(paths))
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def files(self) -> list[torch.Tensor]:
+        """The B files as (L_b,) uint8 views into ``data`` (host memory)."""
+        bounds = self.offsets.tolist()
+        return [self.data[start:stop] for start, stop in zip(bounds[:-1], bounds[1:])]
+
+    def to(self, device, non_blocking: bool = False) -> "EncodedImages":
+        return dataclasses.replace(self, boxes=self.boxes.to(device, non_blocking=non_blocking),
+                                   flips=self.flips.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> "EncodedImages":
+        # the bytes are not copied to the device by us (the decoder stages them itself): pinning them buys nothing
+        return dataclasses.replace(self, boxes=self.boxes.pin_memory(), flips=self.flips.pin_memory())
+
+
+@dataclass
 class Batch:
     pixels: torch.Tensor | None
     masks: list[MaskBatch] = field(default_factory=list)
@@ -71,15 +122,24 @@ class Batch:
     skipped: torch.Tensor = field(default_factory=lambda: torch.tensor(0))
     tokens: torch.Tensor | None = None
     views: MultiView | None = None
+    encoded: EncodedImages | None = None
 
     def __len__(self) -> int:
         for tensor in (self.pixels, self.tokens):
             if tensor is not None:
                 return tensor.shape[0]
+        if self.encoded is not None:
+            return len(self.encoded)
         return self.views.crops[0].shape[0]
 
     def to(self, device, non_blocking: bool = False) -> "Batch":
-        return map_tensors(self, lambda t: t.to(device, non_blocking=non_blocking))
+        moved = map_tensors(dataclasses.replace(self, encoded=None), lambda t: t.to(device, non_blocking=non_blocking))
+        if self.encoded is None:
+            return moved
+        return dataclasses.replace(moved, encoded=self.encoded.to(device, non_blocking))
 
     def pin_memory(self) -> "Batch":
-        return map_tensors(self, lambda t: t.pin_memory())
+        pinned = map_tensors(dataclasses.replace(self, encoded=None), lambda t: t.pin_memory())
+        if self.encoded is None:
+            return pinned
+        return dataclasses.replace(pinned, encoded=self.encoded.pin_memory())

@@ -6,16 +6,19 @@ naming it (a root without ``train/`` labels a split by its own class folders). A
 symlink is an error naming it.
 
 Decoding: ``load_rgb_uint8`` is the one image decoder of every loader (pretraining, monitors, evaluation, token
-caches); it reads every extension of ``IMAGE_EXTENSIONS``. A corrupt or unreadable image is skipped (counted, logged)
-or raises, by ``on_corrupt``; the collator drops skipped samples and reports how many it dropped.
+caches); it reads every extension of ``IMAGE_EXTENSIONS``. Pretraining with ``data.decode=device`` is the exception:
+its workers read JPEG bytes (``data.jpeg_crop.read_jpeg``, header checked by ``open_header``) that the device decodes
+(``data.device_decode``). A corrupt or unreadable image is skipped (counted, logged) or raises, by ``on_corrupt``; the
+collator drops skipped samples and reports how many it dropped.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import warnings
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -105,6 +108,16 @@ def _pil_rgb_uint8(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).contiguous()
 
 
+@contextlib.contextmanager
+def open_header(data: bytes) -> Iterator[Image.Image]:
+    """PIL's view of an encoded image, header read only (format, mode, size), with its pixel limit
+    (``Image.MAX_IMAGE_PIXELS``, the warning band included) raised as an error inside the block."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(io.BytesIO(data)) as image:
+            yield image
+
+
 def load_rgb_uint8(path: Path) -> torch.Tensor:
     """(3, H, W) uint8 RGB of an image file: the one decoder of every loader.
 
@@ -113,14 +126,12 @@ def load_rgb_uint8(path: Path) -> torch.Tensor:
     cheaper than PIL), PIL every other format. Any failure raises ``CorruptImageError`` naming the file."""
     try:
         data = Path(path).read_bytes()
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as image:
-                try:
-                    encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-                    return _to_uint8(decode_image(encoded, mode=ImageReadMode.RGB))
-                except RuntimeError:  # a format torchvision does not read (BMP, TIFF): PIL decodes it
-                    return _pil_rgb_uint8(image)
+        with open_header(data) as image:
+            try:
+                encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+                return _to_uint8(decode_image(encoded, mode=ImageReadMode.RGB))
+            except RuntimeError:  # a format torchvision does not read (BMP, TIFF): PIL decodes it
+                return _pil_rgb_uint8(image)
     except Exception as err:  # a bad file surfaces as many exception types (OSError, SyntaxError, bomb errors...)
         raise CorruptImageError(f"corrupt or unreadable image '{path}': {type(err).__name__}: {err}") from err
 
@@ -133,11 +144,14 @@ class ImageFolderDataset(LabelledSource):
     The transform gets the (3, H, W) uint8 tensor of ``load_rgb_uint8``. ``__getitem__`` takes an int or a key
     ``(index, epoch, batch_index)`` from ``EpochBatchSampler``; with a key, the transform's randomness is seeded from
     ``(seed, epoch, index)`` so augmentations replay exactly on resume, whatever the number of workers.
-    ``classes`` fixes the class list (default: the root's, ``root_classes``).
+    ``classes`` fixes the class list (default: the root's, ``root_classes``). ``decoder`` reads a file into what the
+    transform takes (default ``load_rgb_uint8``; ``data.jpeg_crop.read_jpeg`` keeps the JPEG bytes for decoding on
+    the device); the ``CorruptImageError`` it raises is skipped or raised by ``on_corrupt``.
     """
 
     def __init__(self, root: str | Path, split: str, transform: Callable, on_corrupt: str = "skip", seed: int = 0,
-                 indices: list[int] | None = None, classes: list[str] | None = None):
+                 indices: list[int] | None = None, classes: list[str] | None = None,
+                 decoder: Callable[[Path], object] = load_rgb_uint8):
         if on_corrupt not in ("skip", "raise"):
             raise ValueError(f"data.on_corrupt '{on_corrupt}' is unknown (expected 'skip' or 'raise')")
         samples, self.classes = scan_split(root, split, classes)
@@ -146,6 +160,7 @@ class ImageFolderDataset(LabelledSource):
         self.transform = transform
         self.on_corrupt = on_corrupt
         self.seed = seed
+        self.decoder = decoder
 
     def __getitem__(self, key):
         index, epoch, batch = (key, None, None) if isinstance(key, int) else key
@@ -154,7 +169,7 @@ class ImageFolderDataset(LabelledSource):
         if epoch is not None:
             item.update(epoch=epoch, batch=batch)
         try:
-            image = load_rgb_uint8(path)
+            image = self.decoder(path)
         except CorruptImageError as err:
             if self.on_corrupt == "raise":
                 raise

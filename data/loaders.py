@@ -5,6 +5,7 @@
 A pipeline builder ``fn(cfg, parts, rank, world_size, pin_memory) -> (DataLoader, EpochBatchSampler)`` yields
 ``data.batch.Batch`` objects; ``parts`` is the method's ``MethodParts`` (read duck-typed: ``token_grid`` for the
 mask samplers, ``tokenizer`` for text, ``input_encoder`` for a token cache). Masks are sampled in the workers.
+A pipeline declares the ``data.decode`` values it implements (``decodes``); another value is an error naming the key.
 """
 from __future__ import annotations
 
@@ -13,22 +14,28 @@ from typing import Callable
 
 import torch
 
+from jepa.config import ConfigError
 from jepa.masks import MultiBlockMaskSampler
 
 from .collate import MaskCollator
-from .folder import ImageFolderDataset
+from .device_decode import DeviceJpegDecode
+from .folder import ImageFolderDataset, load_rgb_uint8
+from .jpeg_crop import JpegCropParams, read_jpeg
 from .sampler import EpochBatchSampler
 from .transforms import DeviceNormalize, pretrain_transform
 
 _PIPELINES: dict[str, Callable] = {}
 _DEVICE_TRANSFORMS: dict[str, Callable] = {}
+_DECODES: dict[str, tuple[str, ...]] = {}
 
 
-def register_pipeline(name: str, device_transform: Callable | None = None):
+def register_pipeline(name: str, device_transform: Callable | None = None, decodes: tuple[str, ...] = ("cpu",)):
     """Register ``fn(cfg, parts, rank, world_size, pin_memory)`` as pipeline ``name``; ``device_transform(cfg)``
-    builds what turns its batches on the device into what the method reads (default: ``DeviceNormalize``)."""
+    builds what turns its batches on the device into what the method reads (default: ``DeviceNormalize``);
+    ``decodes``: the ``data.decode`` values it implements (cpu: decoding in the DataLoader workers)."""
     def wrap(fn):
         _PIPELINES[name] = fn
+        _DECODES[name] = tuple(decodes)
         if device_transform is not None:
             _DEVICE_TRANSFORMS[name] = device_transform
         return fn
@@ -36,21 +43,32 @@ def register_pipeline(name: str, device_transform: Callable | None = None):
     return wrap
 
 
+def _registered(pipeline: str, cfg) -> None:
+    """Import the pipelines of other modules if needed; errors name an unknown pipeline or a ``data.decode`` value
+    the pipeline does not implement."""
+    if pipeline not in _PIPELINES:
+        _import_pipelines()
+    if pipeline not in _PIPELINES:
+        raise ValueError(f"data pipeline '{pipeline}' is unknown (expected one of {sorted(_PIPELINES)})")
+    decode = cfg.data.decode
+    if decode not in _DECODES[pipeline]:
+        others = sorted(name for name, modes in _DECODES.items() if decode in modes)
+        raise ConfigError(f"config key 'data.decode' is '{decode}' but the '{pipeline}' pipeline of method "
+                          f"'{cfg.method}' implements {list(_DECODES[pipeline])} only (data.decode={decode} is implemented by "
+                          f"{others})")
+
+
 def pipeline_device_transform(pipeline: str, cfg) -> Callable:
     """batch -> batch, applied by the trainer after the copy to the device: the pipeline's own transform (e.g.
     batched colour augmentation of multi-crop views) or ``DeviceNormalize`` (uint8 pixels -> normalised floats)."""
-    if pipeline not in _PIPELINES:
-        _import_pipelines()
+    _registered(pipeline, cfg)
     build = _DEVICE_TRANSFORMS.get(pipeline)
     return build(cfg) if build is not None else DeviceNormalize()
 
 
 def build_pretrain_loader(pipeline: str, cfg, parts, rank: int = 0, world_size: int = 1, pin_memory: bool = True):
     """(DataLoader, EpochBatchSampler) of the named pipeline for the method's ``parts``."""
-    if pipeline not in _PIPELINES:
-        _import_pipelines()
-    if pipeline not in _PIPELINES:
-        raise ValueError(f"data pipeline '{pipeline}' is unknown (expected one of {sorted(_PIPELINES)})")
+    _registered(pipeline, cfg)
     return _PIPELINES[pipeline](cfg, parts, rank, world_size, pin_memory)
 
 
@@ -89,12 +107,25 @@ def _loader(dataset, batch_sampler, collate_fn, cfg, pin_memory: bool) -> torch.
     )
 
 
-@register_pipeline("masked_images")
-def masked_images(cfg, parts, rank: int = 0, world_size: int = 1, pin_memory: bool = True):
-    """Random-resized crops of ``data.root/train`` (uint8) with multi-block masks on ``parts.token_grid``."""
+def masked_images_device_transform(cfg) -> Callable:
+    """``data.decode=device``: decode, crop and normalise on the device (``DeviceJpegDecode``); cpu:
+    ``DeviceNormalize``."""
     d = cfg.data
-    dataset = ImageFolderDataset(d.root, "train", pretrain_transform(d.img_size, d.crop_scale, d.hflip),
-                                 on_corrupt=d.on_corrupt, seed=cfg.trainer.seed)
+    return DeviceJpegDecode(d.img_size, d.on_corrupt) if d.decode == "device" else DeviceNormalize()
+
+
+@register_pipeline("masked_images", device_transform=masked_images_device_transform, decodes=("cpu", "device"))
+def masked_images(cfg, parts, rank: int = 0, world_size: int = 1, pin_memory: bool = True):
+    """Random-resized crops of ``data.root/train`` (uint8) with multi-block masks on ``parts.token_grid``; with
+    ``data.decode=device`` the workers ship the JPEG files with their crop boxes and flips instead (``EncodedImages``),
+    decoded by the device transform."""
+    d = cfg.data
+    if d.decode == "device":
+        transform, decoder = JpegCropParams(d.crop_scale, d.hflip), read_jpeg
+    else:
+        transform, decoder = pretrain_transform(d.img_size, d.crop_scale, d.hflip), load_rgb_uint8
+    dataset = ImageFolderDataset(d.root, "train", transform, on_corrupt=d.on_corrupt, seed=cfg.trainer.seed,
+                                 decoder=decoder)
     batch_sampler = EpochBatchSampler(len(dataset), d.batch_size, seed=cfg.trainer.seed, rank=rank,
                                       world_size=world_size)
     collate = MaskCollator(mask_sampler_from_config(cfg, parts.token_grid), cfg.trainer.seed)

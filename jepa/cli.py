@@ -3,6 +3,7 @@
     jepa train --config configs/quickstart.yaml key=value ...
     jepa eval {linear,attentive,knn,lowshot} --encoder X --data PATH [--out DIR] [key=value ...]
     jepa data make-motion --out DIR --per-class N   (the labelled camera-motion video set, data/motion.py)
+    jepa data reencode --src DIR --out DIR [--size 224] [--quality 90] [--workers N]   (square JPEGs, data/reencode.py)
     jepa export --ckpt DIR --to timm|hf|safetensors|onnx|vjepa2 --out DIR [--overwrite] [--which NAME] [--img-size N]
     jepa stream --video PATH --ckpt DIR [--mode online|offline|uniform] [--fps 2] ...   (eval/stream_cli.py)
 
@@ -14,7 +15,7 @@ import argparse
 import sys
 
 COMMANDS = ("train", "eval", "export", "data", "stream")
-DATA_COMMANDS = ("make-motion",)
+DATA_COMMANDS = ("make-motion", "reencode")
 
 
 def run_train(argv: list[str]) -> None:
@@ -38,6 +39,11 @@ def run_stream(argv: list[str]) -> None:
 def run_data(argv: list[str]) -> None:
     if not argv or argv[0] not in DATA_COMMANDS:
         raise SystemExit(f"jepa data: expected one of {list(DATA_COMMANDS)}, got {argv[:1]}")
+    if argv[0] == "reencode":
+        from data.reencode import main as reencode
+
+        reencode(argv[1:])
+        return
     from data.motion import main as make_motion
 
     make_motion(argv[1:])
@@ -66,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="jepa", description="openjepa: train, evaluate and export JEPA encoders")
     parser.add_argument("command", choices=COMMANDS,
                         help="train: pretrain (same arguments as train.py); eval: frozen evaluations; export: "
-                             "encoder-only export; data: build datasets (make-motion); stream: caption a video, "
+                             "encoder-only export; data: build datasets (make-motion, reencode); stream: caption a video, "
                              "decoding only when its meaning changes")
     args, _ = parser.parse_known_args(argv[:1])
     {"train": run_train, "eval": run_eval, "export": run_export, "data": run_data,

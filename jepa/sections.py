@@ -97,6 +97,9 @@ class DataConfig:
     num_workers: int = knob(4, ge=0, resumable=True)
     pin_memory: bool = knob(True, resumable=True)
     on_corrupt: Literal["skip", "raise"] = knob("skip", resumable=True)  # skip: counted and logged
+    # cpu: the DataLoader workers decode and crop (bicubic); device: they read the JPEG bytes and draw the crop box,
+    # the batch is decoded on the device (nvJPEG on CUDA) and cropped with roi_align (bilinear). masked_images only
+    decode: Literal["cpu", "device"] = "cpu"
 
 
 @dataclass

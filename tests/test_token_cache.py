@@ -42,7 +42,7 @@ def vl_cfg(root, split_file, out, **data):
     fields = dict(source="flickr", root=str(root), split_file=str(split_file), caption_query="describe the image",
                   max_query_len=8, max_target_len=16, img_size=32, crop_scale=(0.3, 1.0), hflip=False, augment=False,
                   batch_size=3, num_workers=0, pin_memory=False, on_corrupt="skip", cache_tokens=False,
-                  token_cache_dir=str(out / "cache"), cache_dtype="fp32")
+                  token_cache_dir=str(out / "cache"), cache_dtype="fp32", decode="cpu")
     return SimpleNamespace(method="vljepa", data=SimpleNamespace(**{**fields, **data}),
                            trainer=SimpleNamespace(seed=0, output_dir=str(out)))
 
