@@ -6,6 +6,8 @@ Every registered encoder is an ``nn.Module`` with
 - ``forward(x, keep_idx=None, key_padding_mask=None) -> (B, K, D)``: the final-normed tokens at ``keep_idx``
   (B, K) long (all N tokens in raster order when None); ``key_padding_mask`` (B, K) bool is True at padding;
 - ``intermediate_layers(x, count) -> list of count (B, N_i, D_i)``: the last ``count`` blocks / stages, oldest first.
+- optionally (the ViTs) ``block_outputs(x, blocks) -> list of len(blocks) (B, N, D)``: the final-normed outputs of
+  the blocks at the given ascending indices (multi-layer targets, ``loss.target_layers``).
 
 Names: ``vit_<size>`` (``encoders/vit.py``) and ``cnn:<timm backbone>`` (``encoders/cnn.py``); a family whose
 names carry a free part (``cnn:``) registers a prefix.

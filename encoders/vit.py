@@ -7,6 +7,7 @@ runs at any H×W divisible by the patch size. Parameter names follow timm's ``Vi
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 import torch.nn as nn
@@ -58,30 +59,43 @@ class TokenTransformer(nn.Module):
 
     checkpoint_blocks: int = 0
 
-    def _run(self, x, keep_idx, key_padding_mask, keep_from: int) -> list[torch.Tensor]:
-        """Outputs (B, K, D) of the blocks from index ``keep_from`` on, before the final norm."""
+    def _run(self, x, keep_idx, key_padding_mask, blocks: Sequence[int]) -> list[torch.Tensor]:
+        """Outputs (B, K, D) of the blocks at the ascending indices ``blocks``, before the final norm; the blocks
+        after the last of them are not run."""
         tokens, extra = self.embed_tokens(x, keep_idx)
         attn_mask = None if key_padding_mask is None else (~key_padding_mask)[:, None, None, :]
         recompute = self.checkpoint_blocks if torch.is_grad_enabled() else 0
+        wanted, last = set(blocks), max(blocks)
         kept = []
         for i, block in enumerate(self.blocks):
+            if i > last:
+                break
             if i < recompute:
                 tokens = checkpoint(block, tokens, attn_mask=attn_mask, use_reentrant=False, **extra)
             else:
                 tokens = block(tokens, attn_mask=attn_mask, **extra)
-            if i >= keep_from:
+            if i in wanted:
                 kept.append(tokens)
         return kept
 
     def forward(self, x, keep_idx=None, key_padding_mask=None) -> torch.Tensor:
-        return self.norm(self._run(x, keep_idx, key_padding_mask, len(self.blocks) - 1)[-1])
+        return self.norm(self._run(x, keep_idx, key_padding_mask, (len(self.blocks) - 1,))[-1])
 
     def intermediate_layers(self, x, count: int, keep_idx=None, key_padding_mask=None) -> list[torch.Tensor]:
         """The final-normed outputs of the last ``count`` blocks, oldest first: ``count`` x (B, K, D); the last one
         equals ``forward``."""
         if not 1 <= count <= len(self.blocks):
             raise ValueError(f"intermediate layers: count {count} must be in [1, {len(self.blocks)}] (the depth)")
-        return [self.norm(out) for out in self._run(x, keep_idx, key_padding_mask, len(self.blocks) - count)]
+        return self.block_outputs(x, range(len(self.blocks) - count, len(self.blocks)), keep_idx, key_padding_mask)
+
+    def block_outputs(self, x, blocks: Sequence[int], keep_idx=None, key_padding_mask=None) -> list[torch.Tensor]:
+        """The final-normed outputs of the blocks at the strictly ascending indices ``blocks`` (0 = the first
+        block): ``len(blocks)`` x (B, K, D); no block after the last index runs. ``block_outputs(x, [depth - 1])``
+        equals ``[forward(x)]``."""
+        blocks, depth = [int(i) for i in blocks], len(self.blocks)
+        if not blocks or any(not 0 <= i < depth for i in blocks) or any(a >= b for a, b in zip(blocks, blocks[1:])):
+            raise ValueError(f"block outputs: indices {blocks} must be strictly ascending in [0, {depth}) (the depth)")
+        return [self.norm(out) for out in self._run(x, keep_idx, key_padding_mask, blocks)]
 
 
 class VisionTransformer(TokenTransformer):

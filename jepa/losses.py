@@ -15,12 +15,20 @@ _LOSSES = {"smooth_l1": F.smooth_l1_loss, "l1": F.l1_loss, "l2": F.mse_loss}  # 
 
 
 def latent_loss(pred: torch.Tensor, target: torch.Tensor, kind: str = "smooth_l1",
-                padding: torch.Tensor | None = None) -> torch.Tensor:
+                padding: torch.Tensor | None = None, weights: torch.Tensor | None = None) -> torch.Tensor:
     """Mean over every element of (…, D) predictions vs targets, computed in fp32; ``padding`` (…) bool, True at
-    padded tokens, excludes them (the mean is over real tokens only)."""
+    padded tokens, excludes them (the mean is over real tokens only). ``weights`` (…): each token's loss is scaled
+    by its weight, and the mean is still over the real tokens' elements (not normalised by the weights' sum: V-JEPA
+    2.1's distance-weighted context loss)."""
     if kind not in _LOSSES:
         raise ValueError(f"loss.kind '{kind}' is unknown (expected smooth_l1, l1 or l2)")
     pred, target = pred.float(), target.float()
+    if weights is not None:
+        per_element = _LOSSES[kind](pred, target, reduction="none") * weights.float().unsqueeze(-1)
+        if padding is None:
+            return per_element.mean()
+        keep = (~padding).unsqueeze(-1).float()
+        return (per_element * keep).sum() / (keep.sum() * pred.shape[-1]).clamp_min(1)
     if padding is None:
         return _LOSSES[kind](pred, target)
     keep = (~padding).unsqueeze(-1).float()

@@ -39,15 +39,21 @@ def is_sharded(module: nn.Module) -> bool:
     return any(isinstance(param, DTensor) for param in module.parameters())
 
 
+TEACHER_FORWARD_METHODS = ("block_outputs",)  # teacher methods run like forward (FSDP gathers the root's weights)
+
+
 def shard_like(teacher: nn.Module, online: nn.Module, mp_policy=None, offload_policy=None) -> None:
     """``fully_shard`` the teacher in place as ``online`` is sharded: the same device mesh (so every parameter gets
     the online one's placements and local chunk) and the same FSDP units (every submodule name that is an FSDP
     module in ``online``, deepest first, then the teacher itself). Every unit reshards after its forward: a teacher
     never runs backward, so its full weights live only while its forward runs; the EMA then sees only shards.
+    The encoder methods a method may call on a teacher instead of ``forward`` (``block_outputs``: multi-layer
+    targets) are registered as FSDP forward methods, so they gather the teacher's own weights as ``forward`` does.
 
     ``mp_policy`` / ``offload_policy``: the online model's (accelerate's FSDP plugin); defaults: none.
     Raises ValueError when ``online`` is not sharded or the two modules differ in layout."""
-    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+    from torch.distributed.fsdp import (FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard,
+                                        register_fsdp_forward_method)
 
     meshes = [param.device_mesh for param in online.parameters() if isinstance(param, DTensor)]
     if not meshes:
@@ -59,6 +65,9 @@ def shard_like(teacher: nn.Module, online: nn.Module, mp_policy=None, offload_po
     for name in sorted(units, key=lambda n: n.count("."), reverse=True):
         fully_shard(teacher.get_submodule(name), **options)
     fully_shard(teacher, **options)
+    for method in TEACHER_FORWARD_METHODS:
+        if hasattr(teacher, method):
+            register_fsdp_forward_method(teacher, method)
 
 
 def check_same_layout(teacher: nn.Module, online: nn.Module) -> None:

@@ -7,6 +7,16 @@ of its blocks, the context is the rest of the clip. Every sampled token is kept 
 by default, one predictor pass per mask set, averaged over the sets. The I-JEPA loss options apply unchanged:
 VICReg terms, λ · SIGReg on the context embeddings (``loss.sigreg_weight``), online targets.
 
+V-JEPA 2.1 (Mur-Labadia et al., arXiv 2603.14482), off by default (``jepa.methods.latent_prediction`` documents
+each): the context loss — the predictor also predicts the targets of the visible tokens (one output per mask set
+at every context position, its own projection ``predictor.context_proj``), + λ(s) · that loss with λ(s) 0 for
+``loss.context_start_step`` optimizer steps then linear to ``loss.context_weight`` over ``loss.context_warmup_steps``
+(official: 15000 and 15000) —; ``loss.context_distance_weighting``: each context token's loss x 1/sqrt(d), d its
+space-time distance on the (T/t, H/p, W/p) grid to the nearest target token of its set, at least 1 (divided first
+by ``loss.context_distance_scale``); ``loss.target_layers`` k: targets from k blocks of the target encoder
+(``even`` spacing: V-JEPA 2.1's levels, e.g. blocks 2, 5, 8, 11 of 12 for k = 4), each layer-normed, concatenated
+to k·D, which the predictor outputs. The exported encoder is unchanged by all three.
+
 batch: ``pixels`` (B, C, T, H, W) and ``masks`` = [short-range, long-range] ``MaskBatch`` on the (T/t, H/p, W/p) grid.
 """
 from __future__ import annotations
@@ -17,7 +27,7 @@ from typing import Literal
 from ..config import ConfigError, knob
 from ..sections import DataConfig, ModelConfig, PredictorConfig, SIGRegConfig, TrainConfig
 from . import MethodParts, register_method
-from .ijepa import IJEPALossConfig, build_latent_prediction, build_vision_encoder
+from .ijepa import IJEPALossConfig, build_latent_prediction, build_vision_encoder, check_target_layers
 
 
 @dataclass
@@ -78,6 +88,7 @@ class VJEPAConfig(TrainConfig):
         if d.frames_per_clip % m.tubelet_size:
             raise ConfigError(f"config key 'data.frames_per_clip' ({d.frames_per_clip}) must be divisible by "
                               f"model.tubelet_size ({m.tubelet_size})")
+        check_target_layers(self)
 
 
 MASK_SETS = ("short_range", "long_range")
