@@ -2,7 +2,9 @@
 quickstart targets), and print their kNN accuracy over training as one table.
 
     python benchmarks/quickstart_sweep.py --data ../shared/data/imagenette --out runs/sweep --cores 2-15 \
-        --steps 300 --variant base= --variant l2="loss.kind=l2 optim.lr=2e-3"
+        --steps 300 --variant base= --variant lr4e-3="optim.lr=4e-3" [--config configs/quickstart.yaml]
+
+(The I-JEPA variants in BENCHMARKS.md were run with ``--config configs/ijepa/quickstart_cpu.yaml``.)
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ def main() -> None:
     parser.add_argument("--data", required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--cores", default="0-1", help="core range, split into pairs, one variant per pair")
+    parser.add_argument("--config", default="configs/quickstart.yaml", help="the recipe the variants override")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--timeout", type=int, default=900)
     parser.add_argument("--variant", action="append", default=[], help="name=override override ...")
@@ -42,7 +45,7 @@ def main() -> None:
     procs = []
     for (name, overrides), pair in zip(variants, pairs):
         cmd = ["taskset", "-c", ",".join(map(str, pair)), sys.executable, str(REPO / "train.py"), "--config",
-               str(REPO / "configs/quickstart.yaml"), f"data.root={args.data}", f"trainer.output_dir={out / name}",
+               str(REPO / args.config), f"data.root={args.data}", f"trainer.output_dir={out / name}",
                f"trainer.max_steps={args.steps}", "trainer.progress_bar=false", *overrides.split()]
         env = dict(os.environ, OMP_NUM_THREADS="2", CUDA_VISIBLE_DEVICES="")
         log = open(out / f"{name}.log", "w")
