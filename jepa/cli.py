@@ -4,6 +4,7 @@
     jepa eval {linear,attentive,knn,lowshot} --encoder X --data PATH [--out DIR] [key=value ...]
     jepa data make-motion --out DIR --per-class N   (the labelled camera-motion video set, data/motion.py)
     jepa data reencode --src DIR --out DIR [--size 224] [--quality 90] [--workers N]   (square JPEGs, data/reencode.py)
+    jepa data easyvqa-classes --out DIR [--label shape|color]   (easy-VQA as a labelled image folder)
     jepa export --ckpt DIR --to timm|hf|safetensors|onnx|vjepa2 --out DIR [--overwrite] [--which NAME] [--img-size N]
     jepa stream --video PATH --ckpt DIR [--mode online|offline|uniform] [--fps 2] ...   (eval/stream_cli.py)
 
@@ -15,7 +16,7 @@ import argparse
 import sys
 
 COMMANDS = ("train", "eval", "export", "data", "stream")
-DATA_COMMANDS = ("make-motion", "reencode")
+DATA_COMMANDS = ("make-motion", "reencode", "easyvqa-classes")
 
 
 def run_train(argv: list[str]) -> None:
@@ -43,6 +44,11 @@ def run_data(argv: list[str]) -> None:
         from data.reencode import main as reencode
 
         reencode(argv[1:])
+        return
+    if argv[0] == "easyvqa-classes":
+        from data.easyvqa_classes import main as easyvqa_classes
+
+        easyvqa_classes(argv[1:])
         return
     from data.motion import main as make_motion
 
@@ -72,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="jepa", description="openjepa: train, evaluate and export JEPA encoders")
     parser.add_argument("command", choices=COMMANDS,
                         help="train: pretrain (same arguments as train.py); eval: frozen evaluations; export: "
-                             "encoder-only export; data: build datasets (make-motion, reencode); stream: caption a video, "
+                             "encoder-only export; data: build datasets (make-motion, reencode, easyvqa-classes); stream: caption a video, "
                              "decoding only when its meaning changes")
     args, _ = parser.parse_known_args(argv[:1])
     {"train": run_train, "eval": run_eval, "export": run_export, "data": run_data,
