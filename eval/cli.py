@@ -1,7 +1,7 @@
 """``jepa eval <task> --encoder X --data PATH [--out DIR] [--config YAML] [key=value ...]``
 
 Tasks are registered (``eval.tasks.register_task``): linear, attentive, knn, lowshot, and any other registered one.
-``--encoder``: a training output/checkpoint folder (``--which target|context``), a ``jepa export`` folder, or
+``--encoder``: a training output/checkpoint folder (``--which``: one of its method's encoders, default the method's own), a ``jepa export`` folder, or
 ``timm:<model name>`` (random init). ``--data``: an ImageNet-style folder (train/<class>/*, val/<class>/*), or a clip
 source: train/<class>/*.mp4 and val/<class>/*.mp4, or a folder with train and val manifests (train.csv / val.csv:
 ``<path> <label>`` lines or a CSV with a path column and label columns, as ``jepa data make-motion`` writes them;
@@ -37,8 +37,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("task", choices=names + [n.replace("_", "-") for n in names if "_" in n])
     parser.add_argument("--encoder", required=True, help="checkpoint folder, export folder, or timm:<model name>; "
                         "VL tasks (vl-retrieval, vl-classify, vqa): a VL-JEPA training output/checkpoint folder")
-    parser.add_argument("--which", default="target", choices=["target", "context"],
-                        help="which encoder of a training checkpoint (default: target, the EMA one)")
+    parser.add_argument("--which", default=None,
+                        help="which of the method's encoders in a training checkpoint (default: the method's own: "
+                             "target, the EMA one, for I-JEPA / V-JEPA; backbone for LeJEPA); others: context, ...")
     parser.add_argument("--data", default=None, help="ImageNet-style folder with train/ and val/, or a clip source: "
                         "train/ and val/ class folders of videos, or train.csv and val.csv manifests; VL tasks: the "
                         "caption folder (vl-retrieval; default: the model's training data.root), the image folder "
@@ -68,9 +69,9 @@ def main(argv: list[str]) -> list[Record]:
         for split in ("train", "val"):
             find_labelled_source(args.data, split)  # a --data value that holds no source fails before any work
         encoder = load_frozen_encoder(args.encoder, args.which, cfg.features.timm_seed, cfg.features.img_size)
-        run = EvalRun(args.task, cfg, encoder, args.data, out, Accelerator(), args.which)
+        run = EvalRun(args.task, cfg, encoder, args.data, out, Accelerator(), args.which or "default")
         run.say(f"jepa eval {args.task}: encoder {args.encoder} ({encoder.kind}"
-                f"{', ' + args.which if encoder.kind == 'checkpoint' else ''}, weights {encoder.fingerprint[:12]}), "
+                f"{', ' + (args.which or 'default encoder') if encoder.kind == 'checkpoint' else ''}, weights {encoder.fingerprint[:12]}), "
                 f"data {args.data}, {run.img_size}px, {run.accelerator.num_processes} process(es) on "
                 f"{run.accelerator.device}")
     if run.accelerator.is_main_process:

@@ -72,7 +72,7 @@ class FrozenEncoder:
                                f"(features.layers={count}); use features.layers=1")
 
 
-def load_frozen_encoder(spec: str, which: str = "target", timm_seed: int = 0, img_size: int = 0) -> FrozenEncoder:
+def load_frozen_encoder(spec: str, which: str | None = None, timm_seed: int = 0, img_size: int = 0) -> FrozenEncoder:
     """Resolve an ``--encoder`` value (``jepa.encoder_spec``); errors name the value. ``img_size`` (0: the model's
     own) builds timm models that fix their input size (ViTs) at that size."""
     resolved = resolve_encoder(spec, which, timm_seed, img_size)

@@ -37,7 +37,7 @@ class ResolvedEncoder:
     clip: tuple[int, int] | None  # (frames_per_clip, frame_step) of a video encoder's training data; None: images
 
 
-def resolve_encoder(spec: str, which: str = "target", seed: int = 0, img_size: int = 0,
+def resolve_encoder(spec: str, which: str | None = None, seed: int = 0, img_size: int = 0,
                     option: str = "--encoder") -> ResolvedEncoder:
     """The encoder ``spec`` names (see the module docstring); errors name ``option`` and the value. ``img_size``
     (0: the model's own) builds timm models that fix their input size (ViTs) at that size."""

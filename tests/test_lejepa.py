@@ -1,5 +1,6 @@
 """SIGReg (against a float64 brute force and the closed form), multi-crop views (against torchvision), LeJEPA and
 I-JEPA + SIGReg through train.py (loss falls, exact resume with per-step slices, health plot), shipped configs."""
+import json
 import math
 
 import numpy as np
@@ -15,6 +16,7 @@ from data.multicrop import (ColorParams, MultiCropDeviceTransform, apply_color, 
                             gaussian_blur)
 from data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from eval.health_plot import read_scalars
+from jepa.cli import main as cli_main
 from jepa.config import ConfigError, load_config
 from jepa.losses import SIGReg, epps_pulley, sigreg
 from jepa.methods import build_method
@@ -216,6 +218,12 @@ def test_lejepa_trains_through_train_py_and_writes_its_health_plot(imagenette_sm
     assert len(scalars["monitor/knn"][0]) == 2
     online = load_file(str(tmp_path / "checkpoint-00000016" / "model.safetensors"))
     assert int(online["sigreg.draws"]) == 16 and any(k.startswith("backbone.blocks.") for k in online)
+    # evaluation reads the method's own encoder (LeJEPA: the backbone) without --which
+    cli_main(["eval", "knn", "--encoder", str(tmp_path), "--data", str(imagenette_small), "--out",
+              str(tmp_path / "eval"), "features.num_workers=0", "features.batch_size=16"])
+    assert "(checkpoint, default encoder" in capsys.readouterr().out
+    records = [json.loads(line) for line in (tmp_path / "eval" / "results.jsonl").read_text().splitlines()]
+    assert {r["task"] for r in records} == {"knn"} and all(0 <= r["value"] <= 1 for r in records)
 
 
 def checkpoint_state(ckpt):
