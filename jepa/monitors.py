@@ -16,7 +16,8 @@ def effective_rank(features: torch.Tensor, max_rows: int = 2048) -> torch.Tensor
 class CollapseMonitor:
     """Per-dimension std and effective rank of each named feature tensor (e.g. a method's ``pred`` and ``target``),
     with a warning when a std falls under ``std_ratio`` of its first value or a rank drops by more than
-    ``rank_drop`` of its first value.
+    ``rank_drop`` of its first value. A condition is reported when it starts and, with a note, when it ends — not
+    at every update while it lasts (a long run would print the same line every log step).
 
     ``update({'pred': (…, D), 'target': (…, D)})`` -> ({'collapse/pred_std': ..., ...}, [warning strings]).
     """
@@ -24,6 +25,7 @@ class CollapseMonitor:
     def __init__(self, std_ratio: float = 0.1, rank_drop: float = 0.3):
         self.std_ratio, self.rank_drop = std_ratio, rank_drop
         self.reference: dict[str, float] = {}
+        self.alarmed: set[str] = set()  # keys whose condition was reported and still holds
 
     def state_dict(self) -> dict:
         return dict(self.reference)
@@ -40,8 +42,15 @@ class CollapseMonitor:
         warnings = []
         for key, value in stats.items():
             first = self.reference.setdefault(key, value)
+            message = None
             if key.endswith("_std") and value < self.std_ratio * first:
-                warnings.append(f"{key} fell to {value:.4g}, under {self.std_ratio} x its first value {first:.4g}")
+                message = f"{key} fell to {value:.4g}, under {self.std_ratio} x its first value {first:.4g}"
             if key.endswith("_rank") and value < (1 - self.rank_drop) * first:
-                warnings.append(f"{key} dropped to {value:.1f} from {first:.1f} (more than {self.rank_drop:.0%})")
+                message = f"{key} dropped to {value:.1f} from {first:.1f} (more than {self.rank_drop:.0%})"
+            if message is not None and key not in self.alarmed:
+                warnings.append(message + " (reported once while it lasts)")
+                self.alarmed.add(key)
+            elif message is None and key in self.alarmed:
+                warnings.append(f"{key} is back to {value:.4g} (first value {first:.4g}): the condition has ended")
+                self.alarmed.discard(key)
         return stats, warnings

@@ -328,7 +328,7 @@ class Trainer:
             self.state.collapse_reference = self.collapse.state_dict()
             logs.update(stats)
             for warning in warnings:
-                logger.warning("step %d: possible collapse: %s", self.state.step, warning)
+                logger.warning("step %d: collapse monitor: %s", self.state.step, warning)
         if self.device.type == "cuda":
             logs["train/peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
         self.accelerator.log(logs, step=self.state.step)

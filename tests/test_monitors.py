@@ -23,6 +23,12 @@ def test_collapse_monitor_warns_on_std_and_rank_drop():
     assert any("collapse/pred_std" in w for w in warnings)
     assert any("collapse/pred_rank" in w for w in warnings)
     assert not any("target" in w for w in warnings)
+    _, warnings = monitor.update({"pred": collapsed, "target": healthy})
+    assert warnings == []  # reported once while it lasts
+    _, warnings = monitor.update({"pred": healthy, "target": healthy})
+    assert len(warnings) == 2 and all("the condition has ended" in w for w in warnings)
+    _, warnings = monitor.update({"pred": collapsed, "target": healthy})
+    assert len(warnings) == 2 and all("reported once" in w for w in warnings)
 
 
 def test_knn_votes():
