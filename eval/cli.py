@@ -69,9 +69,9 @@ def main(argv: list[str]) -> list[Record]:
         for split in ("train", "val"):
             find_labelled_source(args.data, split)  # a --data value that holds no source fails before any work
         encoder = load_frozen_encoder(args.encoder, args.which, cfg.features.timm_seed, cfg.features.img_size)
-        run = EvalRun(args.task, cfg, encoder, args.data, out, Accelerator(), args.which or "default")
+        run = EvalRun(args.task, cfg, encoder, args.data, out, Accelerator(), encoder.which or "-")
         run.say(f"jepa eval {args.task}: encoder {args.encoder} ({encoder.kind}"
-                f"{', ' + (args.which or 'default encoder') if encoder.kind == 'checkpoint' else ''}, weights {encoder.fingerprint[:12]}), "
+                f"{', ' + encoder.which if encoder.kind == 'checkpoint' else ''}, weights {encoder.fingerprint[:12]}), "
                 f"data {args.data}, {run.img_size}px, {run.accelerator.num_processes} process(es) on "
                 f"{run.accelerator.device}")
     if run.accelerator.is_main_process:

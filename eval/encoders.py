@@ -44,6 +44,7 @@ class FrozenEncoder:
     img_size: int  # default evaluation resolution (the training data.img_size; timm: its pretrained_cfg)
     fingerprint: str
     clip: tuple[int, int] | None = None  # (frames_per_clip, frame_step) of a video encoder's training data; None: images
+    which: str | None = None  # checkpoints: which of the method's encoders (e.g. target, backbone)
 
     @property
     def is_timm(self) -> bool:
@@ -80,4 +81,5 @@ def load_frozen_encoder(spec: str, which: str | None = None, timm_seed: int = 0,
         raise EncoderSpecError(f"--encoder '{spec}': random:<encoder> needs an input size; evaluate a random-init "
                                f"architecture with timm:<model name>")
     module = resolved.module
-    return FrozenEncoder(module, spec, resolved.kind, resolved.img_size, weights_fingerprint(module), resolved.clip)
+    return FrozenEncoder(module, spec, resolved.kind, resolved.img_size, weights_fingerprint(module), resolved.clip,
+                         resolved.which)

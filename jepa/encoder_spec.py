@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 
 from .export import is_export_path, load_export
+from .methods import get_method
 from .reader import EncoderReadError, is_checkpoint_path, load_checkpoint_encoder
 
 SPEC_FORMS = "a training checkpoint folder, an export folder, timm:<model name> or random:<encoder name>"
@@ -35,6 +36,7 @@ class ResolvedEncoder:
     kind: str  # checkpoint | export | timm | random
     img_size: int  # default input size (the training data.img_size; timm: its pretrained_cfg; random: 0 = any)
     clip: tuple[int, int] | None  # (frames_per_clip, frame_step) of a video encoder's training data; None: images
+    which: str | None = None  # checkpoints: which of the method's encoders was read (the method's default if not asked)
 
 
 def resolve_encoder(spec: str, which: str | None = None, seed: int = 0, img_size: int = 0,
@@ -59,6 +61,7 @@ def resolve_encoder(spec: str, which: str | None = None, seed: int = 0, img_size
             elif is_checkpoint_path(path):
                 module, cfg, _ = load_checkpoint_encoder(path, which)
                 kind = "checkpoint"
+                which = which or get_method(cfg.method).default_encoder
             else:
                 raise EncoderSpecError(f"{option} '{spec}' holds no checkpoint-<step>/ folder, no checkpoint files "
                                        f"(target_encoder.safetensors) and no export.json")
@@ -68,7 +71,7 @@ def resolve_encoder(spec: str, which: str | None = None, seed: int = 0, img_size
         if hasattr(cfg.data, "frames_per_clip"):
             clip = (cfg.data.frames_per_clip, cfg.data.frame_step)
     module.eval().requires_grad_(False)
-    return ResolvedEncoder(module, kind, img_size, clip)
+    return ResolvedEncoder(module, kind, img_size, clip, which if kind == "checkpoint" else None)
 
 
 class TimmTokens(nn.Module):

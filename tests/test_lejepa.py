@@ -221,7 +221,7 @@ def test_lejepa_trains_through_train_py_and_writes_its_health_plot(imagenette_sm
     # evaluation reads the method's own encoder (LeJEPA: the backbone) without --which
     cli_main(["eval", "knn", "--encoder", str(tmp_path), "--data", str(imagenette_small), "--out",
               str(tmp_path / "eval"), "features.num_workers=0", "features.batch_size=16"])
-    assert "(checkpoint, default encoder" in capsys.readouterr().out
+    assert "(checkpoint, backbone" in capsys.readouterr().out
     records = [json.loads(line) for line in (tmp_path / "eval" / "results.jsonl").read_text().splitlines()]
     assert {r["task"] for r in records} == {"knn"} and all(0 <= r["value"] <= 1 for r in records)
 
