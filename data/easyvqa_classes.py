@@ -60,12 +60,11 @@ def image_labels(questions: list[str], answers: list[str], image_ids: list[int],
 
 
 def write_split(out: Path, split: str, paths: dict[int, str], labels: dict[int, str]) -> dict[str, int]:
-    """Symlink every labelled image of ``paths`` into ``out/split/<label>/``; -> images per label, and under
-    ``"unlabelled"`` how many were left out (their questions only say what they do not hold)."""
+    """Symlink every labelled image of ``paths`` into ``out/split/<label>/``; -> images per label (the images
+    without a label, whose questions only say what they do not hold, are left out)."""
     counts: dict[str, int] = defaultdict(int)
     for image_id, path in sorted(paths.items()):
         if image_id not in labels:
-            counts["unlabelled"] += 1
             continue
         link = out / split / labels[image_id] / f"{image_id}{Path(path).suffix}"
         link.parent.mkdir(parents=True, exist_ok=True)
@@ -76,8 +75,9 @@ def write_split(out: Path, split: str, paths: dict[int, str], labels: dict[int, 
     return dict(sorted(counts.items()))
 
 
-def make_easyvqa_classes(out: str | Path, label: str = "shape") -> dict[str, dict[str, int]]:
-    """Write ``out/train`` (easy-VQA train images) and ``out/val`` (its test images) by ``label``; -> counts."""
+def make_easyvqa_classes(out: str | Path, label: str = "shape") -> dict[str, tuple[dict[str, int], int]]:
+    """Write ``out/train`` (easy-VQA train images) and ``out/val`` (its test images) by ``label``; -> per split
+    (images per label, images left out)."""
     try:
         import easy_vqa
     except ImportError as err:
@@ -86,8 +86,11 @@ def make_easyvqa_classes(out: str | Path, label: str = "shape") -> dict[str, dic
     out = Path(out)
     splits = {"train": (easy_vqa.get_train_questions(), easy_vqa.get_train_image_paths()),
               "val": (easy_vqa.get_test_questions(), easy_vqa.get_test_image_paths())}
-    return {split: write_split(out, split, paths, image_labels(*questions, label))
-            for split, (questions, paths) in splits.items()}
+    counts = {}
+    for split, (questions, paths) in splits.items():
+        by_label = write_split(out, split, paths, image_labels(*questions, label))
+        counts[split] = (by_label, len(paths) - sum(by_label.values()))
+    return counts
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -97,8 +100,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--label", default="shape", choices=LABELS)
     args = parser.parse_args(argv)
     counts = make_easyvqa_classes(args.out, args.label)
-    for split, by_label in counts.items():
-        left_out = by_label.pop("unlabelled", 0)
+    for split, (by_label, left_out) in counts.items():
         print(f"{split}: {sum(by_label.values())} images by {args.label}: {by_label} -> {args.out / split} "
               f"({left_out} left out: no {args.label} named by their questions)")
 

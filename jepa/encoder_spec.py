@@ -20,8 +20,7 @@ import torch
 import torch.nn as nn
 
 from .export import is_export_path, load_export
-from .methods import get_method
-from .reader import EncoderReadError, is_checkpoint_path, load_checkpoint_encoder
+from .reader import EncoderReadError, encoder_name, is_checkpoint_path, load_checkpoint_encoder
 
 SPEC_FORMS = "a training checkpoint folder, an export folder, timm:<model name> or random:<encoder name>"
 
@@ -61,7 +60,7 @@ def resolve_encoder(spec: str, which: str | None = None, seed: int = 0, img_size
             elif is_checkpoint_path(path):
                 module, cfg, _ = load_checkpoint_encoder(path, which)
                 kind = "checkpoint"
-                which = which or get_method(cfg.method).default_encoder
+                which = encoder_name(cfg, which)
             else:
                 raise EncoderSpecError(f"{option} '{spec}' holds no checkpoint-<step>/ folder, no checkpoint files "
                                        f"(target_encoder.safetensors) and no export.json")

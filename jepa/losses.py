@@ -23,16 +23,14 @@ def latent_loss(pred: torch.Tensor, target: torch.Tensor, kind: str = "smooth_l1
     if kind not in _LOSSES:
         raise ValueError(f"loss.kind '{kind}' is unknown (expected smooth_l1, l1 or l2)")
     pred, target = pred.float(), target.float()
-    if weights is not None:
-        per_element = _LOSSES[kind](pred, target, reduction="none") * weights.float().unsqueeze(-1)
-        if padding is None:
-            return per_element.mean()
-        keep = (~padding).unsqueeze(-1).float()
-        return (per_element * keep).sum() / (keep.sum() * pred.shape[-1]).clamp_min(1)
-    if padding is None:
+    if padding is None and weights is None:
         return _LOSSES[kind](pred, target)
-    keep = (~padding).unsqueeze(-1).float()
     per_element = _LOSSES[kind](pred, target, reduction="none")
+    if weights is not None:
+        per_element = per_element * weights.float().unsqueeze(-1)
+    if padding is None:
+        return per_element.mean()
+    keep = (~padding).unsqueeze(-1).float()
     return (per_element * keep).sum() / (keep.sum() * pred.shape[-1]).clamp_min(1)
 
 

@@ -104,16 +104,23 @@ def encoder_state(ckpt: Path, location: str) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_checkpoint_encoder(path: str | Path, which: str | None = None) -> tuple[nn.Module, object, Path]:
-    """(encoder in eval mode, its training config, the checkpoint folder used); ``which`` names one of the method's
-    encoders (I-JEPA: ``target`` (EMA, the default) or ``context``)."""
-    ckpt = resolve_checkpoint(path)
-    cfg = read_verified_config(ckpt)
+def encoder_name(cfg, which: str | None = None) -> str:
+    """The name of the encoder ``which`` of the training config's method (its default when None), checked."""
     spec = get_method(cfg.method)
     which = which or spec.default_encoder
     if which not in spec.encoders:
         raise EncoderReadError(f"--which '{which}' is not an encoder of method '{spec.name}' (expected one of "
                                f"{list(spec.encoders)})")
+    return which
+
+
+def load_checkpoint_encoder(path: str | Path, which: str | None = None) -> tuple[nn.Module, object, Path]:
+    """(encoder in eval mode, its training config, the checkpoint folder used); ``which`` names one of the method's
+    encoders (I-JEPA: ``target`` (EMA, the default) or ``context``; ``encoder_name``)."""
+    ckpt = resolve_checkpoint(path)
+    cfg = read_verified_config(ckpt)
+    spec = get_method(cfg.method)
+    which = encoder_name(cfg, which)
     verify(ckpt, [location_file(ckpt, spec.encoders[which])])
     encoder = spec.build_encoder(cfg)
     load_strict(encoder, encoder_state(ckpt, spec.encoders[which]), ckpt)
